@@ -1,0 +1,186 @@
+"""Signed envelopes: tagged COSE_Sign1 (RFC 9052) with EdDSA over Ed25519.
+
+Our envelopes carry ``alg`` and ``kid`` in the protected header and the deterministic CBOR of an event
+(or receipt) as payload. Verification works on the bytes as received: the protected header and the
+payload are used exactly as they arrived, never re-serialised, so an envelope made by any RFC 9052
+implementation verifies here (``kid`` may be in either header, the payload may be anything), and the
+bytes we store are the bytes that were signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import cbor
+from protocol.keys import PrivateKey, PublicKey
+
+COSE_SIGN1_TAG = 18
+HEADER_ALG = 1
+HEADER_CRIT = 2
+HEADER_CONTENT_TYPE = 3
+HEADER_KID = 4
+ALG_EDDSA = -8  # RFC 9053
+ALG_ED25519 = -19  # RFC 9864, the fully specified name for the same algorithm
+ACCEPTED_ALGS = {ALG_EDDSA: "EdDSA", ALG_ED25519: "Ed25519"}
+UNDERSTOOD_HEADERS = frozenset({HEADER_ALG, HEADER_CRIT, HEADER_CONTENT_TYPE, HEADER_KID})
+MAX_ENVELOPE = 64 * 1024
+HASH_LENGTH = 32
+
+
+class EnvelopeError(ValueError):
+    """Why an envelope was refused. ``reason`` is a stable short name (counted, shown, queried)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    raw: bytes
+    protected_raw: bytes
+    protected: dict[Any, Any]
+    unprotected: dict[Any, Any]
+    payload: bytes
+    signature: bytes
+
+    @property
+    def alg(self) -> Any:
+        return self.protected.get(HEADER_ALG)
+
+    @property
+    def kid(self) -> bytes | None:
+        kid = self.protected.get(HEADER_KID, self.unprotected.get(HEADER_KID))
+        return kid if isinstance(kid, bytes) else None
+
+    @property
+    def hash(self) -> bytes:
+        return envelope_hash(self.raw)
+
+    def sig_structure(self) -> bytes:
+        return _sig_structure(self.protected_raw, self.payload)
+
+
+def envelope_hash(raw: bytes) -> bytes:
+    """SHA-256 of the whole envelope as sent: what the next event's ``prev`` links to."""
+    return hashlib.sha256(raw).digest()
+
+
+def _sig_structure(protected_raw: bytes, payload: bytes) -> bytes:
+    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad, payload], external_aad empty.
+    return cbor.encode(["Signature1", protected_raw, b"", payload])
+
+
+def sign(payload: bytes, key: PrivateKey) -> bytes:
+    """A tagged COSE_Sign1 over ``payload`` with alg EdDSA and the key id in the protected header."""
+    protected_raw = cbor.encode({HEADER_ALG: ALG_EDDSA, HEADER_KID: key.public.kid})
+    signature = key.sign(_sig_structure(protected_raw, payload))
+    return cbor.encode(cbor.Tag(COSE_SIGN1_TAG, [protected_raw, {}, payload, signature]))
+
+
+def _header_map(value: Any, where: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise EnvelopeError("malformed", f"{where} header must be a map, got {type(value).__name__}")
+    return value
+
+
+def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
+    """Parse an envelope without verifying it.
+
+    Raises EnvelopeError with reason ``too_large`` or ``malformed``.
+    """
+    if len(data) > max_size:
+        raise EnvelopeError("too_large", f"envelope is {len(data)} bytes, the limit is {max_size}")
+    try:
+        item = cbor.decode(data, tags=frozenset({COSE_SIGN1_TAG}))
+    except cbor.CborError as exc:
+        raise EnvelopeError("malformed", f"not CBOR the contract accepts: {exc}") from None
+    if not isinstance(item, cbor.Tag):
+        raise EnvelopeError("malformed", "expected a tagged COSE_Sign1 (CBOR tag 18), found no tag")
+    body = item.value
+    if not isinstance(body, list) or len(body) != 4:
+        raise EnvelopeError("malformed", "COSE_Sign1 must be an array of 4 items")
+    protected_raw, unprotected, payload, signature = body
+    if not isinstance(protected_raw, bytes):
+        raise EnvelopeError("malformed", "protected header must be a byte string")
+    if protected_raw:
+        try:
+            protected = cbor.decode(protected_raw)
+        except cbor.CborError as exc:
+            raise EnvelopeError("malformed", f"protected header: {exc}") from None
+        protected = _header_map(protected, "protected")
+    else:
+        protected = {}
+    unprotected = _header_map(unprotected, "unprotected")
+    if payload is None:
+        raise EnvelopeError(
+            "malformed", "detached payloads are not supported: the payload must be in the envelope"
+        )
+    if not isinstance(payload, bytes):
+        raise EnvelopeError("malformed", "payload must be a byte string")
+    if not isinstance(signature, bytes):
+        raise EnvelopeError("malformed", "signature must be a byte string")
+    both = set(protected) & set(unprotected)
+    if both:
+        raise EnvelopeError("malformed", f"header labels {sorted(map(str, both))} appear in both buckets")
+    return Envelope(bytes(data), protected_raw, protected, unprotected, payload, signature)
+
+
+def verify(envelope: Envelope | bytes, key: PublicKey, *, max_size: int = MAX_ENVELOPE) -> Envelope:
+    """Check an envelope's algorithm, critical headers and signature against ``key``.
+
+    The key id is not compared here: callers find the key by id and decide what a mismatch means.
+    Raises EnvelopeError with reason ``too_large``, ``malformed``, ``unsupported_algorithm`` or
+    ``bad_signature``.
+    """
+    env = envelope if isinstance(envelope, Envelope) else decode(envelope, max_size=max_size)
+    if HEADER_ALG not in env.protected:
+        where = "only in the unprotected header" if HEADER_ALG in env.unprotected else "missing"
+        raise EnvelopeError("unsupported_algorithm", f"alg is {where}; it must be in the protected header")
+    if env.alg not in ACCEPTED_ALGS:
+        raise EnvelopeError(
+            "unsupported_algorithm", f"alg {env.alg!r} is not accepted; valid: -8 (EdDSA) or -19 (Ed25519)"
+        )
+    crit = env.protected.get(HEADER_CRIT)
+    if crit is not None:
+        if not isinstance(crit, list) or not crit:
+            raise EnvelopeError("malformed", "crit must be a non-empty array of header labels")
+        unknown = [label for label in crit if label not in UNDERSTOOD_HEADERS or label not in env.protected]
+        if unknown:
+            raise EnvelopeError(
+                "malformed", f"critical header labels {unknown} are not understood or not present"
+            )
+    if not key.verify(env.sig_structure(), env.signature):
+        raise EnvelopeError("bad_signature", "signature does not verify with this key")
+    return env
+
+
+def describe(env: Envelope) -> dict[str, Any]:
+    """A JSON-friendly view of the envelope's structure (for ``inspect`` and error reports)."""
+
+    def header(h: dict[Any, Any]) -> dict[str, Any]:
+        return {str(k): _jsonable(v) for k, v in h.items()}
+
+    return {
+        "alg": ACCEPTED_ALGS.get(env.alg, env.alg) if isinstance(env.alg, int) else _jsonable(env.alg),
+        "kid": env.kid.hex() if env.kid else None,
+        "protected": header(env.protected),
+        "unprotected": header(env.unprotected),
+        "payload_size": len(env.payload),
+        "signature": env.signature.hex(),
+        "hash": env.hash.hex(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, cbor.Tag):
+        return {"tag": value.tag, "value": _jsonable(value.value)}
+    return value

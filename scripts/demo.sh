@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the demo: a private broker, the server on SQLite, and emulated devices through the real agent.
+# Extra arguments go to the demo, e.g.  scripts/demo.sh --help
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/setup.sh"
+cd "$root"
+exec "$venv/bin/battery-demo" "$@"
