@@ -1,0 +1,56 @@
+"""Topics and device ids; receipts that only the configured server key can issue."""
+
+import re
+
+import pytest
+
+from protocol import envelope, keys, receipts, topics
+
+
+def test_topics_of_the_contract():
+    assert topics.topic("station-7", "events") == "bt/v1/station-7/events"
+    assert topics.parse("bt/v1/station-7/receipts") == ("station-7", "receipts")
+    assert topics.SHARED_EVENTS == "$share/collectors/bt/v1/+/events"
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [
+        ("", "empty"),
+        ("Station-7", "use 'station-7'"),
+        ("station/7", "'/'"),
+        ("station+", "'+'"),
+        ("#", "'#'"),
+        ("-station", "start and end"),
+        ("s" * 65, "65 characters"),
+    ],
+)
+def test_bad_device_ids_say_what_is_valid(device, fragment):
+    with pytest.raises(topics.TopicError, match=re.escape(fragment)):
+        topics.topic(device, "events")
+
+
+@pytest.mark.parametrize("name", ["bt/v1/a/b/events", "bt/v2/a/events", "bt/v1/a/commands", "bt/v1//events"])
+def test_foreign_topics_are_refused(name):
+    with pytest.raises(topics.TopicError):
+        topics.parse(name)
+
+
+def test_receipt_from_the_server_key_is_accepted_and_others_are_not():
+    server, device_key = keys.generate(), keys.generate()
+    kid = device_key.public.kid
+    data = receipts.sign(receipts.Receipt("station-1", kid, 41, 1_767_225_600_000), server)
+    assert receipts.verify(data, server.public, "station-1", kid).watermark == 41
+    with pytest.raises(receipts.ReceiptError, match="does not verify"):
+        receipts.verify(data, keys.generate().public, "station-1", kid)  # forged by another key
+    with pytest.raises(receipts.ReceiptError, match="not this device"):
+        receipts.verify(data, server.public, "station-2", kid)
+    with pytest.raises(receipts.ReceiptError, match="not this device"):
+        receipts.verify(data, server.public, "station-1", keys.generate().public.kid)
+
+
+def test_an_event_signed_by_the_server_is_not_a_receipt():
+    server = keys.generate()
+    data = envelope.sign(b"\xa1\x64type\x65event", server)
+    with pytest.raises(receipts.ReceiptError, match="not a version-1 receipt"):
+        receipts.verify(data, server.public, "station-1", b"k")
