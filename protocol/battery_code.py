@@ -122,9 +122,7 @@ class BatteryCode:
 
     @property
     def chemistry(self) -> str:
-        return CHEMISTRIES.get(self.chemistry_char) or UNCERTAIN_CHEMISTRIES.get(
-            self.chemistry_char, "unknown"
-        )
+        return CHEMISTRIES.get(self.chemistry_char) or UNCERTAIN_CHEMISTRIES.get(self.chemistry_char, "unknown")
 
     def to_json(self) -> dict[str, object]:
         return {

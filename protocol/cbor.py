@@ -118,9 +118,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n > len(self.data) - self.pos:
-            raise CborError(
-                self.pos, f"needs {n} more bytes, only {len(self.data) - self.pos} left (truncated?)"
-            )
+            raise CborError(self.pos, f"needs {n} more bytes, only {len(self.data) - self.pos} left (truncated?)")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk

@@ -115,9 +115,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
         protected = {}
     unprotected = _header_map(unprotected, "unprotected")
     if payload is None:
-        raise EnvelopeError(
-            "malformed", "detached payloads are not supported: the payload must be in the envelope"
-        )
+        raise EnvelopeError("malformed", "detached payloads are not supported: the payload must be in the envelope")
     if not isinstance(payload, bytes):
         raise EnvelopeError("malformed", "payload must be a byte string")
     if not isinstance(signature, bytes):
@@ -149,9 +147,7 @@ def verify(envelope: Envelope | bytes, key: PublicKey, *, max_size: int = MAX_EN
             raise EnvelopeError("malformed", "crit must be a non-empty array of header labels")
         unknown = [label for label in crit if label not in UNDERSTOOD_HEADERS or label not in env.protected]
         if unknown:
-            raise EnvelopeError(
-                "malformed", f"critical header labels {unknown} are not understood or not present"
-            )
+            raise EnvelopeError("malformed", f"critical header labels {unknown} are not understood or not present")
     if not key.verify(env.sig_structure(), env.signature):
         raise EnvelopeError("bad_signature", "signature does not verify with this key")
     return env
@@ -161,10 +157,10 @@ def describe(env: Envelope) -> dict[str, Any]:
     """A JSON-friendly view of the envelope's structure (for ``inspect`` and error reports)."""
 
     def header(h: dict[Any, Any]) -> dict[str, Any]:
-        return {str(k): _jsonable(v) for k, v in h.items()}
+        return {str(k): jsonable(v) for k, v in h.items()}
 
     return {
-        "alg": ACCEPTED_ALGS.get(env.alg, env.alg) if isinstance(env.alg, int) else _jsonable(env.alg),
+        "alg": ACCEPTED_ALGS.get(env.alg, env.alg) if isinstance(env.alg, int) else jsonable(env.alg),
         "kid": env.kid.hex() if env.kid else None,
         "protected": header(env.protected),
         "unprotected": header(env.unprotected),
@@ -174,13 +170,13 @@ def describe(env: Envelope) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, cbor.Tag):
-        return {"tag": value.tag, "value": _jsonable(value.value)}
+        return {"tag": value.tag, "value": jsonable(value.value)}
     return value

@@ -461,9 +461,7 @@ def event_errors(m: Any) -> list[FieldError]:
         return [FieldError("$", f"an event is a map, got {type(m).__name__}")]
     errors = []
     if m.get("v") != SCHEMA_VERSION:
-        errors.append(
-            FieldError("v", f"schema version {m.get('v')!r} is not supported; valid: {SCHEMA_VERSION}")
-        )
+        errors.append(FieldError("v", f"schema version {m.get('v')!r} is not supported; valid: {SCHEMA_VERSION}"))
     device = m.get("device")
     problem = device_id_problem(device) if isinstance(device, str) else f"must be text ({DEVICE_ID_RULE})"
     if problem:

@@ -41,9 +41,7 @@ class PublicKey:
             raise InvalidKey(f"an Ed25519 public key is 32 bytes, got {len(self.raw)}")
         if not nacl.bindings.crypto_core_ed25519_is_valid_point(self.raw):
             # Small-order or non-canonical points would let anyone forge signatures that "verify".
-            raise InvalidKey(
-                "not a sound Ed25519 public key (not on the curve, small order, or non-canonical)"
-            )
+            raise InvalidKey("not a sound Ed25519 public key (not on the curve, small order, or non-canonical)")
 
     @property
     def kid(self) -> bytes:
@@ -55,9 +53,7 @@ class PublicKey:
 
     def pem(self) -> str:
         key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
-        return key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         if len(signature) != 64:
@@ -146,18 +142,21 @@ def parse_public(text: str) -> PublicKey:
             raise InvalidKey(f"PEM holds a {type(key).__name__}, not an Ed25519 key")
         return PublicKey(key.public_bytes_raw())
     if len(text) != 64 or any(c not in string.hexdigits for c in text):
-        raise InvalidKey(
-            f"expected 64 hex characters (a raw Ed25519 public key) or PEM, got {len(text)} characters"
-        )
+        raise InvalidKey(f"expected 64 hex characters (a raw Ed25519 public key) or PEM, got {len(text)} characters")
     return PublicKey(bytes.fromhex(text))
 
 
-def load_public(spec: str) -> PublicKey:
-    """A public key from a command line or config value: hex text, or the path of a PEM file."""
+def load_public(spec: str, base_dir: Path | None = None) -> PublicKey:
+    """A public key from a command line or config value: hex text, or the path of a PEM file.
+
+    A relative path is taken from ``base_dir`` (a config file's folder) when given.
+    """
     candidate = spec.strip()
     if len(candidate) == 64 and all(c in string.hexdigits for c in candidate):
         return parse_public(candidate)
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if base_dir is not None:
+        path = base_dir / path
     if not path.exists():
         raise InvalidKey(f"{spec!r} is neither 64 hex characters nor an existing PEM file")
     try:

@@ -60,7 +60,5 @@ def parse(topic_name: str) -> tuple[str, Kind]:
     """(device, kind) of a contract topic; raises TopicError for anything else."""
     parts = topic_name.split("/")
     if len(parts) != 4 or "/".join(parts[:2]) != PREFIX or parts[3] not in KINDS:
-        raise TopicError(
-            f"{topic_name!r} is not a topic of the contract ({PREFIX}/<device>/events|receipts|status)"
-        )
+        raise TopicError(f"{topic_name!r} is not a topic of the contract ({PREFIX}/<device>/events|receipts|status)")
     return check_device_id(parts[2]), parts[3]  # type: ignore[return-value]

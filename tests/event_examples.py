@@ -44,8 +44,6 @@ FIELDS = {
 }
 
 
-def event(
-    event_type: str = "health", seq: int = 1, prev: bytes = events.ZERO_HASH, **overrides
-) -> events.Event:
+def event(event_type: str = "health", seq: int = 1, prev: bytes = events.ZERO_HASH, **overrides) -> events.Event:
     fields = {**FIELDS[event_type], **overrides}
     return events.Event("station-1", seq, prev, T0 + seq * 1000, event_type, "label", fields)

@@ -81,9 +81,7 @@ def test_our_envelopes_verify_in_another_implementation():
     protected, unprotected, carried, signature = item.value
     assert cbor2.loads(protected) == {1: -8, 4: key.public.kid}
     assert unprotected == {} and carried == payload
-    Ed25519PublicKey.from_public_bytes(key.public.raw).verify(
-        signature, independent_sig_structure(protected, payload)
-    )
+    Ed25519PublicKey.from_public_bytes(key.public.raw).verify(signature, independent_sig_structure(protected, payload))
 
 
 def test_every_flipped_byte_invalidates_the_envelope():

@@ -66,9 +66,7 @@ def test_a_non_ed25519_or_garbled_key_file_is_named(tmp_path):
     ec = ec_key.generate_private_key(ec_key.SECP256R1())
     path = tmp_path / "p256.pem"
     path.write_bytes(
-        ec.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        ec.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     with pytest.raises(keys.InvalidKey, match="not an Ed25519 key"):
         keys.load_private(path)

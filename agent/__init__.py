@@ -1,0 +1,1 @@
+"""The edge agent: sources -> decoders -> battery view -> workflow -> sealer -> outbox -> uplink."""

@@ -1,0 +1,106 @@
+"""The outbox: sealed events on the agent's disk until a server receipt covers them.
+
+SQLite in WAL mode with ``synchronous=FULL``: an event exists once its transaction commits, and a
+power cut after that cannot lose it. The chain head (last sequence number and envelope hash per key)
+lives in the same database and moves in the same transaction as the event, so a crash can never
+reuse a sequence number or break the hash chain, even after every event has been pruned.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.events import ZERO_HASH
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chain (
+    kid BLOB PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    kid BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    envelope BLOB NOT NULL,
+    sealed_at REAL NOT NULL,
+    PRIMARY KEY (kid, seq)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    position: int  # sealing order across keys (SQLite rowid: always increasing among rows present)
+    kid: bytes
+    seq: int
+    type: str
+    envelope: bytes
+    sealed_at: float
+
+
+# Builds the envelope for (seq, prev hash) and returns (envelope bytes, its hash, event type).
+Builder = Callable[[int, bytes], tuple[bytes, bytes, str]]
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def append(self, kid: bytes, build: Builder) -> int:
+        """Seal one event: take the next sequence number, build, store, move the head; all or nothing."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT last_seq, last_hash FROM chain WHERE kid = ?", (kid,)).fetchone()
+            last_seq, last_hash = row if row else (0, ZERO_HASH)
+            seq = last_seq + 1
+            envelope, envelope_hash, event_type = build(seq, last_hash)
+            db.execute(
+                "INSERT INTO outbox (kid, seq, type, envelope, sealed_at) VALUES (?, ?, ?, ?, ?)",
+                (kid, seq, event_type, envelope, time.time()),
+            )
+            db.execute(
+                "INSERT INTO chain (kid, last_seq, last_hash) VALUES (?, ?, ?) "
+                "ON CONFLICT (kid) DO UPDATE SET last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+                (kid, seq, envelope_hash),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return seq
+
+    def head(self, kid: bytes) -> int:
+        row = self._db.execute("SELECT last_seq FROM chain WHERE kid = ?", (kid,)).fetchone()
+        return row[0] if row else 0
+
+    def pending(self, after: int = 0, limit: int = 100) -> list[Pending]:
+        """Unreceipted events in sealing order, after position ``after``."""
+        rows = self._db.execute(
+            "SELECT rowid, kid, seq, type, envelope, sealed_at FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [Pending(*row) for row in rows]
+
+    def prune(self, kid: bytes, watermark: int) -> int:
+        """Delete what a verified receipt covers; returns how many events left the outbox."""
+        cur = self._db.execute("DELETE FROM outbox WHERE kid = ? AND seq <= ?", (kid, watermark))
+        return cur.rowcount
+
+    def depth(self) -> tuple[int, float | None]:
+        """(unreceipted events, sealing time of the oldest one)."""
+        count, oldest = self._db.execute("SELECT COUNT(*), MIN(sealed_at) FROM outbox").fetchone()
+        return count, oldest

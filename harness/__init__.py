@@ -1,0 +1,1 @@
+"""Private infrastructure for the demo and the tests: brokers they can start, kill and restart."""

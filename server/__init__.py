@@ -1,0 +1,1 @@
+"""The server: intake -> verify -> store -> receipts; registry, rules, queries and the CLI."""

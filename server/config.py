@@ -1,0 +1,67 @@
+"""The server's configuration: TOML validated once into typed settings, with embedded defaults.
+
+Without a config file the server uses a home folder (``$BT_HOME``, else
+``$XDG_DATA_HOME/battery-trace``, else ``~/.local/share/battery-trace``) holding the SQLite record and
+the server's signing key, so a first user can enrol a device right after installing.
+See configs/server.toml for a commented example.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.settings import Section, load_toml
+from server.intake import IntakeSettings
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store_url: str
+    key_path: Path
+    intake: IntakeSettings
+
+
+def home() -> Path:
+    if os.environ.get("BT_HOME"):
+        return Path(os.environ["BT_HOME"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "battery-trace"
+
+
+def defaults() -> ServerConfig:
+    base = home()
+    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings())
+
+
+def load(path: Path | None) -> ServerConfig:
+    if path is None:
+        return defaults()
+    base = defaults()
+    root = Section.root(load_toml(path), str(path), path.parent)
+    st = root.section("store")
+    url = st.text("url", base.store_url)
+    if url.startswith("sqlite:") and not url.startswith("sqlite:/"):
+        url = f"sqlite:{(path.parent / url.removeprefix('sqlite:')).resolve()}"  # relative to the config file
+    st.finish()
+    srv = root.section("server")
+    key_path = srv.path("key", str(base.key_path))
+    srv.finish()
+    m = root.section("mqtt")
+    i = root.section("intake")
+    d = IntakeSettings()
+    intake = IntakeSettings(
+        host=m.text("host", d.host),
+        port=m.integer("port", d.port, low=1, high=65535),
+        client_id=m.text("client_id", d.client_id),
+        session_expiry_s=m.integer("session_expiry_s", d.session_expiry_s, low=0, high=2**32 - 1),
+        max_message_bytes=i.integer("max_message_bytes", d.max_message_bytes, low=256, high=16 * 1024 * 1024),
+        batch_max=i.integer("batch_max", d.batch_max, low=1, high=100_000),
+        batch_ms=i.number("batch_ms", d.batch_ms, low=0.0, high=60_000),
+        queue_max=i.integer("queue_max", d.queue_max, low=1, high=10_000_000),
+    )
+    m.finish()
+    i.finish()
+    root.finish()
+    return ServerConfig(url, key_path, intake)
