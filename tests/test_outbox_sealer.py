@@ -1,0 +1,67 @@
+"""Sealer and outbox: one transaction per event, a chain that survives pruning and restarts."""
+
+import pytest
+
+from agent.outbox import Outbox
+from agent.sealer import Draft, Refused, Sealer
+from protocol import envelope, events, keys
+from tests.event_examples import FIELDS, T0
+
+
+def draft(**overrides) -> Draft:
+    return Draft("health", "label", {**FIELDS["health"], **overrides}, T0)
+
+
+@pytest.fixture
+def sealer(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    yield Sealer(outbox, keys.generate(), "station-1")
+    outbox.close()
+
+
+def test_sealed_events_are_numbered_and_hash_linked(sealer):
+    assert [sealer.seal(draft()) for _ in range(3)] == [1, 2, 3]
+    prev = events.ZERO_HASH
+    for item in sealer.outbox.pending():
+        env = envelope.verify(item.envelope, sealer.key.public)
+        ev = events.decode(env.payload)
+        assert (ev.seq, ev.prev, ev.device) == (item.seq, prev, "station-1")
+        prev = env.hash
+
+
+def test_an_invalid_code_is_never_sealed_and_uses_no_sequence_number(sealer):
+    with pytest.raises(Refused) as err:
+        sealer.seal(draft(code="0RJXEA00HAU0AAG1C3000123"))
+    assert err.value.reason == "invalid_code" and "position 4" in str(err.value)
+    with pytest.raises(Refused, match="required"):
+        sealer.seal(Draft("health", "label", {"code": FIELDS["health"]["code"]}, T0))
+    assert sealer.refused == {"invalid_code": 1, "schema": 1}
+    assert sealer.outbox.depth()[0] == 0
+    assert sealer.seal(draft()) == 1
+
+
+def test_pruning_keeps_the_chain_head_and_a_reopened_outbox_continues(tmp_path):
+    key = keys.generate()
+    path = tmp_path / "outbox.sqlite"
+    first = Sealer(Outbox(path), key, "station-1")
+    for _ in range(4):
+        first.seal(draft())
+    last_hash = envelope.envelope_hash(first.outbox.pending()[-1].envelope)
+    assert first.outbox.prune(key.public.kid, 4) == 4
+    assert first.outbox.depth() == (0, None)
+    first.outbox.close()
+
+    again = Sealer(Outbox(path), key, "station-1")
+    assert again.seal(draft()) == 5
+    (item,) = again.outbox.pending()
+    assert events.decode(envelope.decode(item.envelope).payload).prev == last_hash
+    again.outbox.close()
+
+
+def test_a_failing_build_leaves_no_trace(sealer):
+    def broken(seq, prev):
+        raise RuntimeError("power cut in the middle")
+
+    with pytest.raises(RuntimeError):
+        sealer.outbox.append(sealer.kid, broken)
+    assert sealer.outbox.head(sealer.kid) == 0 and sealer.outbox.depth()[0] == 0

@@ -1,0 +1,126 @@
+"""Server verification (each reason, in DESIGN.md §5.2 order) and the SQLite record's write semantics."""
+
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol import cbor, envelope, events, keys
+from server.records import Accepted, KeyRecord, Rejected
+from server.store import SqliteStore, StoreError
+from server.verify import REASONS, verify_message
+from tests.event_examples import event
+
+DEVICE_KEY = keys.generate()
+NOW = time.time()
+TOPIC = "bt/v1/station-1/events"
+
+
+def record(role="swap_operator", device="station-1", key=DEVICE_KEY, **kw) -> KeyRecord:
+    fields = {"state": "active", "valid_from": NOW - 100, "valid_until": None, "revoked_at": None, **kw}
+    return KeyRecord(key.public.kid, device, role, key.public, **fields)
+
+
+def check(raw: bytes, rec: KeyRecord | None = None, topic: str = TOPIC, max_size: int = 65536):
+    rec = rec or record()
+    return verify_message(topic, raw, lambda kid: rec if kid == rec.kid else None, NOW, max_size)
+
+
+def sealed(ev: events.Event, key=DEVICE_KEY) -> bytes:
+    return envelope.sign(events.encode(ev), key)
+
+
+def test_a_good_event_is_accepted_with_its_code_problems_noted():
+    outcome = check(sealed(event("swapped", code_in="0RJXEA00HAU0AAG1C3000124")))
+    assert isinstance(outcome, Accepted)
+    assert [p.path for p in outcome.code_problems] == ["code_in"]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: check(sealed(event()), max_size=100), "too_large"),
+        (lambda: check(sealed(event()), topic="bt/v1/station-1/status"), "bad_topic"),
+        (lambda: check(b"not cose at all"), "malformed"),
+        (lambda: check(sealed(event(), keys.generate())), "unknown_key"),
+        (lambda: check(sealed(event()), record(revoked_at=NOW - 1)), "key_revoked"),
+        (lambda: check(sealed(event()), record(valid_from=NOW + 60)), "key_not_active"),
+        (lambda: check(sealed(event())[:-3] + b"\x00\x00\x00"), "bad_signature"),
+        (lambda: check(sealed(event()), topic="bt/v1/station-2/events"), "device_mismatch"),
+        (lambda: check(sealed(event()), record(device="station-2")), "device_mismatch"),
+        (lambda: check(sealed(event("produced"))), "role_not_allowed"),
+        (lambda: check(envelope.sign(b"\xa1\x66device\x69station-1", DEVICE_KEY)), "schema"),
+    ],
+)
+def test_each_failure_has_its_named_reason(make, reason):
+    outcome = make()
+    assert isinstance(outcome, Rejected) and outcome.reason == reason, outcome
+    assert reason in REASONS and outcome.detail
+
+
+def test_forged_signature_by_a_key_claiming_anothers_kid_is_refused():
+    forger = keys.generate()
+    payload = events.encode(event())
+    protected = bytes.fromhex("a2012704") + b"\x50" + DEVICE_KEY.public.kid  # {1: -8, 4: victim's kid}
+    sig_structure = cbor.encode(["Signature1", protected, b"", payload])
+    forged = cbor.encode(cbor.Tag(18, [protected, {}, payload, forger.sign(sig_structure)]))
+    outcome = check(forged)
+    assert isinstance(outcome, Rejected) and outcome.reason == "bad_signature"
+
+
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_are_rejected_never_raised(raw):
+    assert isinstance(check(raw), Rejected)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteStore(tmp_path / "record.sqlite")
+    s.enroll("station-1", "swap_operator", DEVICE_KEY.public, "Org", NOW - 100)
+    yield s
+    s.close()
+
+
+def chain(n: int) -> list[Accepted]:
+    out, prev = [], events.ZERO_HASH
+    for seq in range(1, n + 1):
+        raw = sealed(event(seq=seq, prev=prev))
+        outcome = check(raw)
+        assert isinstance(outcome, Accepted)
+        out.append(outcome)
+        prev = outcome.envelope.hash
+    return out
+
+
+def test_writes_are_idempotent_and_the_watermark_waits_for_gaps(store):
+    a = chain(5)
+    first = store.commit([a[0], a[1], a[3]], [], NOW)
+    assert (first.stored, first.watermarks[DEVICE_KEY.public.kid]) == (3, ("station-1", 2))
+    again = store.commit([a[0], a[3], a[4]], [], NOW)
+    assert (again.stored, again.duplicates) == (1, 2)
+    assert again.watermarks[DEVICE_KEY.public.kid][1] == 2  # seq 3 is still missing
+    filled = store.commit([a[2]], [], NOW)
+    assert filled.watermarks[DEVICE_KEY.public.kid][1] == 5
+    assert store.envelopes("station-1") == [x.envelope.raw for x in a]
+
+
+def test_rejects_go_to_quarantine_with_reason_and_raw_bytes(store):
+    bad = check(b"\xd2garbage")
+    store.commit([], [bad], NOW)
+    assert store.counts() == {"events": 0, "rejected": {"malformed": 1}}
+
+
+def test_enrolment_refuses_a_second_enrolment_and_a_reused_key(store):
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.enroll("station-1", "swap_operator", keys.generate().public, None, NOW)
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.enroll("station-9", "gateway", DEVICE_KEY.public, None, NOW)
+    assert [d["device"] for d in store.devices()] == ["station-1"]
+
+
+def test_migrations_are_versioned_and_rerunnable(tmp_path, store):
+    store.migrate()
+    reopened = SqliteStore(store.path)
+    assert reopened.key(DEVICE_KEY.public.kid).device == "station-1"
+    reopened.close()
