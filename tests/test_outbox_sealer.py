@@ -65,3 +65,24 @@ def test_a_failing_build_leaves_no_trace(sealer):
     with pytest.raises(RuntimeError):
         sealer.outbox.append(sealer.kid, broken)
     assert sealer.outbox.head(sealer.kid) == 0 and sealer.outbox.depth()[0] == 0
+
+
+def test_only_a_receipt_signed_by_the_server_key_prunes(tmp_path):
+    from agent.uplink import MqttSettings, Uplink
+    from protocol import receipts
+
+    server, device = keys.generate(), keys.generate()
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sealer = Sealer(outbox, device, "station-1")
+    for _ in range(3):
+        sealer.seal(draft())
+    uplink = Uplink(MqttSettings(), outbox, "station-1", device.public.kid, server.public)
+    receipt = receipts.Receipt("station-1", device.public.kid, 2, T0)
+    assert uplink.handle_receipt(receipts.sign(receipt, keys.generate())) == 0  # forged
+    assert uplink.handle_receipt(b"\xd2\x84garbage") == 0
+    other = receipts.Receipt("station-2", device.public.kid, 3, T0)
+    assert uplink.handle_receipt(receipts.sign(other, server)) == 0  # another device's
+    assert outbox.depth()[0] == 3 and uplink.counters["receipts_refused"] == 3
+    assert uplink.handle_receipt(receipts.sign(receipt, server)) == 2
+    assert [p.seq for p in outbox.pending()] == [3]
+    outbox.close()
