@@ -17,6 +17,7 @@ OK, INVALID, USAGE = 0, 1, 2
 EXAMPLES = """
 examples:
   battery-agent keygen --out /var/lib/battery-agent/device.key
+  battery-agent pubkey --key /var/lib/battery-agent/device.key --pem
   battery-agent code 0RJPEA00HAU0AAG1C3000123
   scanner-output | battery-agent code -
   battery-agent run -c /etc/battery-agent/agent.toml
@@ -50,6 +51,19 @@ def _keygen(args: argparse.Namespace) -> int:
         print(f"             {key.public.hex}")
         print(f"key id       {info['kid']}")
         print(f"enrol it on the server:  battery-server devices enroll DEVICE --role ROLE --key {key.public.hex}")
+    return OK
+
+
+def _pubkey(args: argparse.Namespace) -> int:
+    try:
+        public = keys.load_private(Path(args.key)).public
+    except keys.InvalidKey as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    if args.json:
+        print(json.dumps({"public_key": public.hex, "kid": public.kid.hex(), "pem": public.pem()}))
+    else:
+        print(public.pem() if args.pem else public.hex)
     return OK
 
 
@@ -114,6 +128,20 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="device.key", help="private key file to create (default: %(default)s)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=_keygen)
+
+    pk = sub.add_parser(
+        "pubkey",
+        help="print the public half of this device's key",
+        description="Print the public key of a private key file: 64 hex characters (default), PEM, or JSON "
+        "with the key id. This is what the server enrols.",
+        epilog="example:\n  battery-agent pubkey --key /var/lib/battery-agent/device.key --pem > device.pub",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pk.add_argument("--key", default="device.key", help="private key file (default: %(default)s)")
+    pk_format = pk.add_mutually_exclusive_group()
+    pk_format.add_argument("--pem", action="store_true", help="print SubjectPublicKeyInfo PEM")
+    pk_format.add_argument("--json", action="store_true", help="print hex, key id and PEM as JSON")
+    pk.set_defaults(func=_pubkey)
 
     c = sub.add_parser(
         "code",

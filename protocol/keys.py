@@ -19,6 +19,8 @@ import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from protocol.bounded_read import UnreadableInput, read_bounded
+
 KEY_ID_LENGTH = 16
 MAX_KEY_FILE = 16 * 1024
 
@@ -110,13 +112,9 @@ def save_private(key: PrivateKey, path: Path) -> None:
 
 def _read(path: Path) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise InvalidKey(f"cannot read key file {path}: {exc.strerror}") from None
-    if len(data) > MAX_KEY_FILE:
-        raise InvalidKey(f"{path} is larger than {MAX_KEY_FILE} bytes; not a key file")
-    return data
+        return read_bounded(path, MAX_KEY_FILE)
+    except UnreadableInput as exc:
+        raise InvalidKey(f"key file: {exc}") from None
 
 
 def load_private(path: Path) -> PrivateKey:

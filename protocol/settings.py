@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from protocol.bounded_read import UnreadableInput, read_bounded
+
 MAX_CONFIG_BYTES = 1024 * 1024
 _MISSING: Any = object()
 
@@ -23,12 +25,9 @@ class ConfigError(ValueError):
 
 def load_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+    except UnreadableInput as exc:
+        raise ConfigError(f"config file: {exc}") from None
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

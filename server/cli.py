@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import cbor, envelope, events, keys
+from protocol.bounded_read import UnreadableInput, read_bounded
 from protocol.settings import ConfigError
 
 OK, INVALID, USAGE = 0, 1, 2
@@ -40,15 +41,9 @@ class UsageError(Exception):
 def _read_input(name: str) -> bytes:
     """Raw COSE bytes or hex text (whitespace ignored), from a file or stdin."""
     try:
-        if name == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with open(name, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {name}: {exc.strerror}") from None
-    if len(data) > MAX_INPUT:
-        raise UsageError(f"{name} is larger than {MAX_INPUT} bytes")
+        data = read_bounded(name, MAX_INPUT)
+    except UnreadableInput as exc:
+        raise UsageError(str(exc)) from None
     text = b"".join(data.split())
     if text and all(chr(c) in string.hexdigits for c in text):
         if len(text) % 2:

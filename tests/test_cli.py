@@ -29,6 +29,9 @@ def test_keygen_writes_a_private_key_0600_and_never_overwrites(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert keys.load_private(out).public.hex == info["public_key"]
     assert keys.load_public(str(out.with_suffix(".pub"))).hex == info["public_key"]
+    shown = run("battery-agent", "pubkey", "--key", str(out), "--pem")
+    assert shown.returncode == 0 and keys.parse_public(shown.stdout.decode()).hex == info["public_key"]
+    assert run("battery-agent", "pubkey", "--key", str(tmp_path / "none.key")).returncode == 2
     before = out.read_bytes()
     again = run("battery-agent", "keygen", "--out", str(out))
     assert again.returncode == 2 and b"refusing to overwrite" in again.stderr
