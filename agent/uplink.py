@@ -127,9 +127,16 @@ class Uplink:
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe(topics.topic(self.device, "receipts"), qos=1)
         await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._receive(client))
-            group.create_task(self._publish(client))
+        # Not a TaskGroup: its ExceptionGroup would hide the MqttError that run() reconnects on.
+        tasks = {asyncio.create_task(self._receive(client)), asyncio.create_task(self._publish(client))}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # re-raises the connection error
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

@@ -1,8 +1,9 @@
-"""The walking skeleton, end to end through real processes, a real pty and a real mosquitto.
+"""The walking skeleton, end to end through real processes, a real pty and a real mosquitto (killed once).
 
 A JBD BMS stub answers on a pty; `battery-agent run` polls it, seals a `health` event into its
 SQLite outbox and publishes it; `battery-server run` verifies it against the enrolled key and stores
-it; the agent receives the server's signed receipt and prunes its outbox.
+it; the agent receives the server's signed receipt and prunes its outbox. The broker is killed and
+restarted on the way, and the chain stored at the end has no gap and no duplicate.
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def test_jbd_reading_becomes_a_stored_event_and_a_receipt_prunes_the_outbox(tmp_
         )
         # The receipt covers what is stored: the outbox drains down to at most what is still in flight.
         wait_for(lambda: first_unreceipted(outbox) > 3, 30, "receipts to prune the first events", (server, agent))
+        # The broker dies like a power cut and comes back: both sides reconnect by themselves.
+        broker.kill()
+        before = len(query(record, "SELECT 1 FROM events"))
+        time.sleep(1.5)
+        broker.start()
+        wait_for(
+            lambda: len(query(record, "SELECT 1 FROM events")) >= before + 3,
+            30,
+            "events after restart",
+            (server, agent),
+        )
     finally:
         for p in (agent, server):
             p.send_signal(signal.SIGTERM)
