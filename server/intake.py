@@ -20,8 +20,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol import receipts, topics
+from protocol import topics
 from protocol.keys import PrivateKey
+from server import receipts
 from server.records import Accepted, Rejected
 from server.store import SqliteStore
 from server.verify import verify_message
@@ -130,7 +131,6 @@ class Collector:
         self.counters["duplicates"] += result.duplicates
         for message in batch:  # only now: everything in the batch is durable
             self.client.ack(message.mid, message.qos)
-        for kid, (device, watermark) in result.watermarks.items():
-            receipt = receipts.Receipt(device, kid, watermark, int(now * 1000))
-            self.client.publish(topics.topic(device, "receipts"), receipts.sign(receipt, self.server_key), qos=1)
+        for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(now * 1000)):
+            self.client.publish(topic, receipt, qos=1)
             self.counters["receipts"] += 1

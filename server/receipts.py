@@ -1,0 +1,18 @@
+"""Receipts: after a commit, tell each device how far its chain is stored, signed by the server.
+
+A receipt is sent for every chain a batch touched, duplicates included: the device may have lost the
+previous receipt, and repeating one is harmless (the watermark never goes down).
+"""
+
+from __future__ import annotations
+
+from protocol import receipts, topics
+from protocol.keys import PrivateKey
+
+
+def issue(watermarks: dict[bytes, tuple[str, int]], server_key: PrivateKey, now_ms: int) -> list[tuple[str, bytes]]:
+    """(topic, signed receipt) for each chain: key id -> (device, watermark)."""
+    return [
+        (topics.topic(device, "receipts"), receipts.sign(receipts.Receipt(device, kid, watermark, now_ms), server_key))
+        for kid, (device, watermark) in watermarks.items()
+    ]
