@@ -12,8 +12,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.settings import Section, load_toml
+from protocol.events import EVENT_TYPES
+from protocol.settings import ConfigError, Section, load_toml
 from server.intake import IntakeSettings
+from server.rules import DEFAULT_DEADLINES_DAYS
+from server.store import RuleSettings
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class ServerConfig:
     store_url: str
     key_path: Path
     intake: IntakeSettings
+    rules: RuleSettings
 
 
 def home() -> Path:
@@ -32,7 +36,7 @@ def home() -> Path:
 
 def defaults() -> ServerConfig:
     base = home()
-    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings())
+    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings(), RuleSettings())
 
 
 def load(path: Path | None) -> ServerConfig:
@@ -44,6 +48,8 @@ def load(path: Path | None) -> ServerConfig:
     url = st.text("url", base.store_url)
     if url.startswith("sqlite:") and not url.startswith("sqlite:/"):
         url = f"sqlite:{(path.parent / url.removeprefix('sqlite:')).resolve()}"  # relative to the config file
+    elif not url.startswith(("sqlite:", "postgresql://", "postgres://")):
+        raise st.error("url", "is not a store URL; valid: sqlite:PATH or postgresql://USER@HOST:PORT/DB")
     st.finish()
     srv = root.section("server")
     key_path = srv.path("key", str(base.key_path))
@@ -59,9 +65,26 @@ def load(path: Path | None) -> ServerConfig:
         max_message_bytes=i.integer("max_message_bytes", d.max_message_bytes, low=256, high=16 * 1024 * 1024),
         batch_max=i.integer("batch_max", d.batch_max, low=1, high=100_000),
         batch_ms=i.number("batch_ms", d.batch_ms, low=0.0, high=60_000),
-        queue_max=i.integer("queue_max", d.queue_max, low=1, high=10_000_000),
+        receive_max=i.integer("receive_max", d.receive_max, low=1, high=65535),
+        sweep_interval_s=i.number("sweep_interval_s", d.sweep_interval_s, low=1.0, high=86400),
     )
     m.finish()
     i.finish()
+    r = root.section("rules")
+    dl = r.section("deadlines_days")
+    deadlines = dict(DEFAULT_DEADLINES_DAYS)
+    for name in list(dl.data):
+        if name not in EVENT_TYPES:
+            raise ConfigError(
+                f"{path}: [rules.deadlines_days] {name}: is not an event type; valid: {', '.join(EVENT_TYPES)}"
+            )
+        deadlines[name] = dl.number(name, low=0.0, high=3650)
+    dl.finish()
+    rule_settings = RuleSettings(
+        deadlines_days=deadlines,
+        unaccounted_days=r.number("unaccounted_days", 30.0, low=0.0, high=3650),
+        gap_minutes=r.number("gap_minutes", 60.0, low=0.0, high=525600),
+    )
+    r.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake)
+    return ServerConfig(url, key_path, intake, rule_settings)

@@ -2,9 +2,13 @@
 
 The broker's acknowledgement (PUBACK) for each message is sent only after the batch holding it has
 committed, so a collector that dies mid-batch leaves the broker to deliver those messages again.
-paho's network thread only queues messages (a bounded queue: when full, it stops reading from the
-socket, which pushes back on the broker); one worker thread verifies, commits, acknowledges and
-sends receipts.
+paho's network thread only queues messages; one worker thread verifies, commits, acknowledges and
+sends receipts. The queue's bound is the MQTT v5 Receive Maximum announced to the broker: the broker
+never has more unacknowledged messages out to this collector than that, so the queue can never
+overflow and the network thread never blocks (which would starve keep-alives).
+
+When the store is unreachable, the batch is retried with backoff; nothing is acknowledged meanwhile,
+so the broker stops sending at Receive Maximum and keeps the rest.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from protocol import topics
 from protocol.keys import PrivateKey
 from server import receipts
 from server.records import Accepted, Rejected
-from server.store import SqliteStore
-from server.verify import verify_message
+from server.store import Store, StoreUnavailable
+from server.verify import Parsed, check, parse
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,20 @@ class IntakeSettings:
     max_message_bytes: int = 64 * 1024
     batch_max: int = 500
     batch_ms: float = 50.0
-    queue_max: int = 10_000
+    receive_max: int = 2000
     session_expiry_s: int = 7 * 24 * 3600
+    sweep_interval_s: float = 60.0
 
 
 class Collector:
-    def __init__(self, settings: IntakeSettings, store: SqliteStore, server_key: PrivateKey) -> None:
+    def __init__(self, settings: IntakeSettings, store: Store, server_key: PrivateKey) -> None:
         self.settings = settings
         self.store = store
         self.server_key = server_key
-        self.queue: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=settings.queue_max)
+        self.queue: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=settings.receive_max * 2)
+        self.store_ok = threading.Event()
+        self.store_ok.set()
+        self._last_sweep = 0.0
         self.counters: Counter[str] = Counter()
         self.connected = threading.Event()
         self.client = mqtt.Client(
@@ -78,6 +86,7 @@ class Collector:
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_max
         self.client.connect_async(
             self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
         )
@@ -92,7 +101,16 @@ class Collector:
         while not stop.is_set():
             batch = self._take_batch()
             if batch:
-                self.process(batch)
+                self.process(batch, stop)
+            if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
+                self._sweep()
+
+    def _sweep(self) -> None:
+        try:
+            self.store.sweep(time.time())
+            self._last_sweep = time.monotonic()
+        except StoreUnavailable as exc:
+            log.warning("sweep postponed: %s", exc)
 
     def _take_batch(self) -> list[mqtt.MQTTMessage]:
         try:
@@ -111,26 +129,50 @@ class Collector:
                 break
         return batch
 
-    def process(self, batch: list[mqtt.MQTTMessage]) -> None:
-        now = time.time()
+    def verify(self, batch: list[mqtt.MQTTMessage], now: float) -> tuple[list[Accepted], list[Rejected]]:
+        parsed: list[Parsed | Rejected] = [
+            parse(m.topic, bytes(m.payload), self.settings.max_message_bytes) for m in batch
+        ]
+        records = self.store.keys(p.kid for p in parsed if isinstance(p, Parsed))
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
-        for message in batch:
-            self.counters["received"] += 1
-            outcome = verify_message(
-                message.topic, bytes(message.payload), self.store.key, now, self.settings.max_message_bytes
-            )
+        for p in parsed:
+            outcome = check(p, records.get(p.kid), now) if isinstance(p, Parsed) else p
             if isinstance(outcome, Accepted):
                 accepted.append(outcome)
             else:
                 rejected.append(outcome)
                 self.counters[f"rejected:{outcome.reason}"] += 1
                 log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
-        result = self.store.commit(accepted, rejected, now)
+        return accepted, rejected
+
+    def process(self, batch: list[mqtt.MQTTMessage], stop: threading.Event | None = None) -> bool:
+        """Verify, commit, then acknowledge and send receipts. False when stopped before it could commit."""
+        backoff = 0.2
+        while True:
+            now = time.time()
+            try:
+                accepted, rejected = self.verify(batch, now)
+                result = self.store.commit(accepted, rejected, now)
+                break
+            except StoreUnavailable as exc:
+                if self.store_ok.is_set():
+                    log.error("store unavailable, holding %d messages unacknowledged: %s", len(batch), exc)
+                self.store_ok.clear()
+                self.counters["store_failures"] += 1
+                if stop is not None and stop.wait(backoff):
+                    return False  # never acknowledged: the broker delivers them again
+                backoff = min(backoff * 2, 5.0)
+        if not self.store_ok.is_set():
+            log.info("store reachable again")
+            self.store_ok.set()
+        self.counters["received"] += len(batch)
         self.counters["stored"] += result.stored
         self.counters["duplicates"] += result.duplicates
+        self.counters["findings"] += result.findings
         for message in batch:  # only now: everything in the batch is durable
             self.client.ack(message.mid, message.qos)
         for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(now * 1000)):
             self.client.publish(topic, receipt, qos=1)
             self.counters["receipts"] += 1
+        return True

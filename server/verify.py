@@ -1,12 +1,14 @@
 """Verification of one incoming message, in the order of DESIGN.md §5.2; each failure a named reason.
 
-Pure apart from the key lookup it is given: no clock of its own, no store writes. Sequence and chain
-questions (duplicates, links) need the store and are answered when the batch commits.
+Two steps so the intake can look up every key of a batch in one query: ``parse`` needs only the
+bytes (size, topic, envelope structure, key id), ``check`` needs the key's registry record. Pure apart
+from that: no clock of its own, no writes. Sequence and chain questions (duplicates, links) need the
+store and are answered when the batch commits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 from protocol import cbor, envelope, events, topics
 from server.records import Accepted, KeyRecord, Rejected
@@ -26,13 +28,16 @@ REASONS = (
 )
 
 
-def verify_message(
-    topic: str,
-    raw: bytes,
-    lookup: Callable[[bytes], KeyRecord | None],
-    received_at: float,
-    max_size: int,
-) -> Accepted | Rejected:
+@dataclass(frozen=True)
+class Parsed:
+    topic: str
+    raw: bytes
+    topic_device: str
+    envelope: envelope.Envelope
+    kid: bytes
+
+
+def parse(topic: str, raw: bytes, max_size: int) -> Parsed | Rejected:
     def reject(reason: str, detail: str) -> Rejected:
         return Rejected(topic, raw, reason, detail)
 
@@ -50,35 +55,45 @@ def verify_message(
         return reject(exc.reason, str(exc))
     if env.kid is None:
         return reject("unknown_key", "the envelope names no key id (kid)")
-    record = lookup(env.kid)
+    return Parsed(topic, raw, topic_device, env, env.kid)
+
+
+def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted | Rejected:
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(p.topic, p.raw, reason, detail)
+
+    kid = p.kid.hex()
     if record is None:
-        return reject("unknown_key", f"key id {env.kid.hex()} is not enrolled")
+        return reject("unknown_key", f"key id {kid} is not enrolled")
     if record.revoked_at is not None and received_at >= record.revoked_at:
-        return reject("key_revoked", f"key {env.kid.hex()} of {record.device} was revoked")
-    if received_at < record.valid_from or (record.valid_until is not None and received_at > record.valid_until):
-        return reject("key_not_active", f"key {env.kid.hex()} of {record.device} is not valid at this time")
+        return reject("key_revoked", f"key {kid} of {record.device} was revoked")
+    if received_at < record.valid_from:
+        return reject("key_not_active", f"key {kid} of {record.device} is not valid before its enrolment")
     try:
-        envelope.verify(env, record.public)
+        envelope.verify(p.envelope, record.public)
     except envelope.EnvelopeError as exc:
         return reject(exc.reason, str(exc))
     try:
-        claims = cbor.decode(env.payload)
+        claims = cbor.decode(p.envelope.payload)
     except cbor.CborError as exc:
         return reject("schema", f"payload is not CBOR: {exc}")
     claimed = claims if isinstance(claims, dict) else {}
     payload_device = claimed.get("device")
-    if not (payload_device == record.device == topic_device):
+    if not (payload_device == record.device == p.topic_device):
         return reject(
             "device_mismatch",
             f"payload device {payload_device!r}, key's device {record.device!r} "
-            f"and topic device {topic_device!r} must agree",
+            f"and topic device {p.topic_device!r} must agree",
         )
     event_type = claimed.get("type")
     if event_type in events.EVENT_TYPES and record.role not in events.roles_for(event_type):
         allowed = ", ".join(events.roles_for(event_type))
         return reject("role_not_allowed", f"a {record.role} may not sign {event_type!r} (allowed: {allowed})")
     try:
-        event = events.decode(env.payload)
+        event = events.decode(p.envelope.payload)
     except events.EventError as exc:
         return reject("schema", str(exc))
-    return Accepted(topic, env, event, env.kid, tuple(events.code_problems(event)))
+    if record.valid_until is not None and event.time_ms > record.valid_until * 1000:
+        # A retired (rotated-out) key: what it sealed before the rotation still counts, nothing after.
+        return reject("key_not_active", f"key {kid} of {record.device} was retired before this event's time")
+    return Accepted(p.topic, p.envelope, event, p.kid, tuple(events.code_problems(event)))

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from protocol import cbor, envelope, events, keys
 from server.records import Accepted, KeyRecord, Rejected
-from server.store import SqliteStore, StoreError
-from server.verify import REASONS, verify_message
+from server.store import Store, StoreError
+from server import verify
+from server.verify import REASONS
 from tests.event_examples import event
 
 DEVICE_KEY = keys.generate()
@@ -24,7 +25,10 @@ def record(role="swap_operator", device="station-1", key=DEVICE_KEY, **kw) -> Ke
 
 def check(raw: bytes, rec: KeyRecord | None = None, topic: str = TOPIC, max_size: int = 65536):
     rec = rec or record()
-    return verify_message(topic, raw, lambda kid: rec if kid == rec.kid else None, NOW, max_size)
+    parsed = verify.parse(topic, raw, max_size)
+    if not isinstance(parsed, verify.Parsed):
+        return parsed
+    return verify.check(parsed, rec if parsed.kid == rec.kid else None, NOW)
 
 
 def sealed(ev: events.Event, key=DEVICE_KEY) -> bytes:
@@ -75,8 +79,8 @@ def test_arbitrary_bytes_are_rejected_never_raised(raw):
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(tmp_path / "record.sqlite")
+def store(store_url):
+    s = Store(store_url)
     s.enroll("station-1", "swap_operator", DEVICE_KEY.public, "Org", NOW - 100)
     yield s
     s.close()
@@ -102,13 +106,13 @@ def test_writes_are_idempotent_and_the_watermark_waits_for_gaps(store):
     assert again.watermarks[DEVICE_KEY.public.kid][1] == 2  # seq 3 is still missing
     filled = store.commit([a[2]], [], NOW)
     assert filled.watermarks[DEVICE_KEY.public.kid][1] == 5
-    assert store.envelopes("station-1") == [x.envelope.raw for x in a]
+    assert store.chain(DEVICE_KEY.public.kid) == [(x.event.seq, x.envelope.raw) for x in a]
 
 
 def test_rejects_go_to_quarantine_with_reason_and_raw_bytes(store):
     bad = check(b"\xd2garbage")
     store.commit([], [bad], NOW)
-    assert store.counts() == {"events": 0, "rejected": {"malformed": 1}}
+    assert store.counts() == {"events": 0, "rejected": {"malformed": 1}, "findings_open": {}}
 
 
 def test_enrolment_refuses_a_second_enrolment_and_a_reused_key(store):
@@ -119,8 +123,9 @@ def test_enrolment_refuses_a_second_enrolment_and_a_reused_key(store):
     assert [d["device"] for d in store.devices()] == ["station-1"]
 
 
-def test_migrations_are_versioned_and_rerunnable(tmp_path, store):
-    store.migrate()
-    reopened = SqliteStore(store.path)
+def test_migrations_are_versioned_and_rerunnable(store):
+    store.db.migrate()
+    reopened = Store(store.url)
+    assert reopened.db.version() == 2
     assert reopened.key(DEVICE_KEY.public.kid).device == "station-1"
     reopened.close()

@@ -1,18 +1,112 @@
-"""The record. ``open_store`` picks the backend from a URL; every backend has the same semantics."""
+"""The record: one ``Store`` with the same semantics on SQLite (embedded) and PostgreSQL (production).
+
+``Store(url)`` opens ``sqlite:PATH`` or ``postgresql://...`` and applies any pending migrations. The
+registry, the intake's batch commit, the time-based sweep and the queries all go through it.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
+from collections.abc import Iterable, Iterator
 
-from server.store.sqlite import SqliteStore, StoreError
+from protocol.keys import PublicKey
+from server.records import Accepted, KeyRecord, Rejected
+from server.store import queries, record, registry
+from server.store.db import Database, StoreError, StoreUnavailable
+from server.store.record import CommitResult, RuleSettings
 
-__all__ = ["SqliteStore", "StoreError", "open_store"]
+__all__ = ["CommitResult", "RuleSettings", "Store", "StoreError", "StoreUnavailable"]
 
 
-def open_store(url: str) -> SqliteStore:
-    """``sqlite:PATH`` (or a bare path) opens the embedded store."""
-    if url.startswith("sqlite:"):
-        return SqliteStore(Path(url.removeprefix("sqlite:").removeprefix("//")))
-    if "://" in url:
-        raise StoreError(f"store URL {url!r} is not supported; valid: sqlite:PATH")
-    return SqliteStore(Path(url))
+class Store:
+    def __init__(self, url: str, rules: RuleSettings | None = None) -> None:
+        self.db = Database(url)
+        self.rules = rules or RuleSettings()
+        self.db.migrate()
+
+    @property
+    def url(self) -> str:
+        return self.db.url
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- registry ---------------------------------------------------------------------------------
+
+    def enroll(self, device: str, role: str, public: PublicKey, org: str | None, at: float) -> KeyRecord:
+        with self.db.transaction() as tx:
+            return registry.enroll(tx, device, role, public, org, at)
+
+    def rotate(self, device: str, public: PublicKey, at: float) -> KeyRecord:
+        with self.db.transaction() as tx:
+            return registry.rotate(tx, device, public, at)
+
+    def revoke(self, target: str, at: float) -> tuple[list[KeyRecord], int]:
+        """Revoke; returns the keys and how many stored events arrived after ``at`` (now flagged)."""
+        with self.db.transaction() as tx:
+            revoked = registry.revoke(tx, target, at)
+            flagged = record.flag_after_revocation(tx, [k.kid for k in revoked], at, time.time())
+        return revoked, flagged
+
+    def key(self, kid: bytes) -> KeyRecord | None:
+        with self.db.reading() as tx:
+            return registry.key(tx, kid)
+
+    def keys(self, kids: Iterable[bytes]) -> dict[bytes, KeyRecord]:
+        with self.db.reading() as tx:
+            return {kid: rec for kid in set(kids) if (rec := registry.key(tx, kid)) is not None}
+
+    def devices(self) -> list[dict[str, object]]:
+        with self.db.reading() as tx:
+            return registry.devices(tx)
+
+    # -- intake -----------------------------------------------------------------------------------
+
+    def commit(self, accepted: Iterable[Accepted], rejected: Iterable[Rejected], at: float) -> CommitResult:
+        """Store a batch in one transaction: valid events once each, rejects into quarantine, findings."""
+        with self.db.transaction() as tx:
+            return record.commit(tx, accepted, rejected, at, self.rules)
+
+    def sweep(self, now: float | None = None) -> int:
+        with self.db.transaction() as tx:
+            return record.sweep(tx, time.time() if now is None else now, self.rules)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, object]:
+        with self.db.reading() as tx:
+            return queries.counts(tx)
+
+    def chain(self, kid: bytes) -> list[tuple[int, bytes]]:
+        """A key's stored (seq, envelope) in sequence order, the envelopes exactly as received."""
+        with self.db.reading() as tx:
+            return queries.chain(tx, kid)
+
+    def findings(self, open_only: bool = False, kind: str | None = None, subject: str | None = None) -> list[dict]:
+        with self.db.reading() as tx:
+            return queries.findings(tx, open_only, kind, subject)
+
+    def trace(self, code: str) -> dict | None:
+        with self.db.reading() as tx:
+            return queries.trace(tx, code)
+
+    def vehicle(self, vin: str) -> dict | None:
+        with self.db.reading() as tx:
+            return queries.vehicle(tx, vin)
+
+    def device(self, device: str) -> dict | None:
+        with self.db.reading() as tx:
+            return queries.device(tx, device)
+
+    def device_keys(self, device: str) -> list[KeyRecord]:
+        with self.db.reading() as tx:
+            return registry.device_keys(tx, device)
+
+    def rejects(self, reason: str | None = None, since: float | None = None, limit: int = 100) -> list[dict]:
+        with self.db.reading() as tx:
+            return queries.rejects(tx, reason, since, limit)
+
+    def export(self, since: float, until: float, by_time: bool = False) -> Iterator[tuple]:
+        """Rows (device, kid, seq, type, vin, time_ms, received_at, body, hash, envelope), streamed."""
+        with self.db.reading() as tx:
+            yield from queries.export_rows(tx, since, until, by_time)

@@ -1,0 +1,58 @@
+"""``battery-server``: the collector, the registry and the record's tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from protocol import keys
+from protocol.settings import ConfigError
+from server.cli import envelopes, record, registry, run
+from server.cli.common import USAGE, UsageError
+
+EXAMPLES = """
+examples:
+  battery-server pubkey                      # the key agents verify receipts with
+  battery-server devices enroll station-1 --role swap_operator --key device.pub
+  battery-server run -c /etc/battery-server/server.toml
+  battery-server trace 0RJPEA00HAU0AAG1C3000123
+  battery-server findings --open
+  battery-server audit station-1
+  battery-server verify --key device.pub event.cose
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="battery-server",
+        description="Server of battery-trace: verifies signed lifecycle events, keeps the record, answers for it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (run, registry, record, envelopes):
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.store import StoreUnavailable
+
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, keys.InvalidKey) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Writing a verified batch into the record, and what follows from it in the same transaction.
+
+Order inside the transaction matters for concurrent collectors: each touched chain row is locked
+first (key ids in sorted order, so two collectors never wait on each other in a cycle), then each
+touched battery and vehicle row, again sorted. A second collector holding consecutive events of the
+same device therefore waits, and then sees this one's events: watermarks never go backwards and
+replays see every event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from protocol.events import ZERO_HASH
+from server import rules
+from server.records import Accepted, Rejected
+from server.rules import EventFacts, Finding
+from server.store.db import Tx
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    deadlines_days: Mapping[str, float] = field(default_factory=lambda: dict(rules.DEFAULT_DEADLINES_DAYS))
+    unaccounted_days: float = 30.0
+    gap_minutes: float = 60.0
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    stored: int
+    duplicates: int
+    quarantined: int
+    watermarks: dict[bytes, tuple[str, int]]  # kid -> (device, watermark) for every chain the batch touched
+    findings: int
+
+
+def _facts(item: Accepted, at: float) -> EventFacts:
+    ev = item.event
+    return EventFacts(item.kid, ev.seq, ev.device, ev.type, ev.time_ms, at, dict(ev.fields))
+
+
+def _lock_chain(tx: Tx, kid: bytes, device: str, at: float) -> int:
+    tx.execute(
+        "INSERT INTO chains (kid, device, watermark, max_seq, last_received_at) VALUES (?, ?, 0, 0, ?) "
+        "ON CONFLICT (kid) DO NOTHING",
+        (kid, device, at),
+    )
+    return tx.value(f"SELECT watermark FROM chains WHERE kid = ?{tx.dialect.for_update}", (kid,))
+
+
+def commit(
+    tx: Tx, accepted: Iterable[Accepted], rejected: Iterable[Rejected], at: float, settings: RuleSettings
+) -> CommitResult:
+    by_kid: dict[bytes, list[Accepted]] = defaultdict(list)
+    for item in accepted:
+        by_kid[item.kid].append(item)
+    new: list[Accepted] = []
+    duplicates = 0
+    findings: list[Finding] = []
+    watermarks: dict[bytes, tuple[str, int]] = {}
+    for kid in sorted(by_kid):
+        items = by_kid[kid]
+        device = items[0].event.device
+        watermark = _lock_chain(tx, kid, device, at)
+        seqs = sorted({i.event.seq for i in items})
+        marks = ",".join("?" * len(seqs))
+        stored = {r[0] for r in tx.all(f"SELECT seq FROM events WHERE kid = ? AND seq IN ({marks})", (kid, *seqs))}
+        fresh: dict[int, Accepted] = {}
+        for item in items:
+            if item.event.seq in stored or item.event.seq in fresh:
+                duplicates += 1
+            else:
+                fresh[item.event.seq] = item
+        _insert_events(tx, list(fresh.values()), at)
+        new.extend(fresh.values())
+        findings.extend(_chain_links(tx, kid, device, fresh))
+        watermarks[kid] = (device, _advance(tx, kid, watermark, at))
+
+    quarantined = _quarantine(tx, rejected, at)
+    findings.extend(_derive(tx, new, at, settings))
+    raised = _raise(tx, findings, at)
+    return CommitResult(len(new), duplicates, quarantined, watermarks, raised)
+
+
+def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
+    tx.executemany(
+        "INSERT INTO events (kid, seq, device, type, vin, device_time_ms, received_at, hash, prev, body, envelope) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                i.kid,
+                i.event.seq,
+                i.event.device,
+                i.event.type,
+                i.event.fields.get("vin"),
+                i.event.time_ms,
+                at,
+                i.envelope.hash,
+                i.event.prev,
+                json.dumps(i.event.fields, sort_keys=True, separators=(",", ":")),
+                i.envelope.raw,
+            )
+            for i in items
+        ],
+    )
+    tx.executemany(
+        "INSERT INTO event_codes (code, kid, seq, field, type, device_time_ms, valid) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        [
+            (
+                code,
+                i.kid,
+                i.event.seq,
+                path,
+                i.event.type,
+                i.event.time_ms,
+                path not in {p.path for p in i.code_problems},
+            )
+            for i in items
+            for path, code in i.event.codes()
+        ],
+    )
+
+
+def _chain_links(tx: Tx, kid: bytes, device: str, fresh: Mapping[int, Accepted]) -> list[Finding]:
+    """A new event must link to the stored one before it, and the stored one after it to the new one."""
+    out = []
+    subject = f"device:{device}"
+    for seq, item in sorted(fresh.items()):
+        if seq > 1:
+            before = fresh[seq - 1].envelope.hash if seq - 1 in fresh else None
+            if before is None:
+                before = tx.value("SELECT hash FROM events WHERE kid = ? AND seq = ?", (kid, seq - 1))
+            if before is not None and before != item.event.prev:
+                out.append(Finding("chain_break", subject, (kid, seq), f"seq {seq} does not link to seq {seq - 1}"))
+        elif item.event.prev != ZERO_HASH:  # the schema already refuses this; kept as the chain's own rule
+            out.append(Finding("chain_break", subject, (kid, seq), "seq 1 must have an all-zero prev"))
+        if seq + 1 not in fresh:
+            after = tx.value("SELECT prev FROM events WHERE kid = ? AND seq = ?", (kid, seq + 1))
+            if after is not None and after != item.envelope.hash:
+                out.append(Finding("chain_break", subject, (kid, seq + 1), f"seq {seq + 1} does not link to seq {seq}"))
+    return out
+
+
+def _advance(tx: Tx, kid: bytes, watermark: int, at: float) -> int:
+    """Move the watermark over every contiguous stored sequence number after it."""
+    for (seq,) in tx.all("SELECT seq FROM events WHERE kid = ? AND seq > ? ORDER BY seq", (kid, watermark)):
+        if seq != watermark + 1:
+            break
+        watermark = seq
+    tx.execute(
+        "UPDATE chains SET watermark = ?, max_seq = (SELECT MAX(seq) FROM events WHERE kid = ?), "
+        "last_received_at = ? WHERE kid = ?",
+        (watermark, kid, at, kid),
+    )
+    return watermark
+
+
+def _quarantine(tx: Tx, rejected: Iterable[Rejected], at: float) -> int:
+    rows = [(at, r.topic, _topic_device(r.topic), r.reason, r.detail, r.raw) for r in rejected]
+    tx.executemany(
+        "INSERT INTO quarantine (received_at, topic, device, reason, detail, raw) VALUES (?, ?, ?, ?, ?, ?)", rows
+    )
+    return len(rows)
+
+
+def _topic_device(topic: str) -> str | None:
+    parts = topic.split("/")
+    return parts[2][:64] if len(parts) == 4 else None
+
+
+# -- derived state --------------------------------------------------------------------------------
+
+
+def _derive(tx: Tx, new: list[Accepted], at: float, settings: RuleSettings) -> list[Finding]:
+    out: list[Finding] = []
+    lifecycle_codes: set[str] = set()
+    seen_codes: dict[str, EventFacts] = {}
+    vins: set[str] = set()
+    for item in new:
+        facts = _facts(item, at)
+        for problem in item.code_problems:
+            code = dict(item.event.codes())[problem.path]
+            out.append(Finding("invalid_code", rules.battery(code), facts.ref, f"{problem.path}: {problem.message}"))
+        codes = [code for _, code in item.event.codes()]
+        subject = rules.battery(codes[0]) if codes else rules.vehicle(item.event.fields.get("vin", "?"))
+        late = rules.late_report(facts, settings.deadlines_days, subject)
+        if late:
+            out.append(late)
+        for code in codes:
+            if item.event.type != "health":
+                lifecycle_codes.add(code)
+            if code not in seen_codes or seen_codes[code].order() < facts.order():
+                seen_codes[code] = facts
+        if "vin" in item.event.fields:
+            vins.add(item.event.fields["vin"])
+    for code in sorted(seen_codes):
+        out.extend(_battery(tx, code, seen_codes[code], code in lifecycle_codes, at, settings))
+    for vin in sorted(vins):
+        _vehicle(tx, vin, at)
+    return out
+
+
+_FACT_COLUMNS = "e.kid, e.seq, e.device, e.type, e.device_time_ms, e.received_at, e.body"
+# Both lookups go through an index: event_codes by code, events by VIN.
+_BATTERY_LIFECYCLE = (
+    f"SELECT DISTINCT {_FACT_COLUMNS} FROM event_codes c JOIN events e ON e.kid = c.kid AND e.seq = c.seq "
+    "WHERE c.code = ? AND c.type <> 'health'"
+)
+_VEHICLE_LIFECYCLE = f"SELECT {_FACT_COLUMNS} FROM events e WHERE e.vin = ? AND e.type <> 'health'"
+
+
+def _lifecycle_facts(tx: Tx, sql: str, value: str) -> list[EventFacts]:
+    return [EventFacts(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in tx.all(sql, (value,))]
+
+
+def _battery(tx: Tx, code: str, latest: EventFacts, replay: bool, at: float, settings: RuleSettings) -> list[Finding]:
+    tx.execute(
+        "INSERT INTO batteries (code, state, last_event_ms, last_received_at) VALUES (?, 'unknown', ?, ?) "
+        "ON CONFLICT (code) DO NOTHING",
+        (code, latest.time_ms, at),
+    )
+    row = tx.one(f"SELECT state, final_ms, last_event_ms FROM batteries WHERE code = ?{tx.dialect.for_update}", (code,))
+    assert row is not None
+    state, final_ms, last_event_ms = row
+    out: list[Finding] = []
+    if replay:
+        s, found = rules.replay_battery(code, _lifecycle_facts(tx, _BATTERY_LIFECYCLE, code))
+        s.last_event_ms = max(s.last_event_ms, last_event_ms, latest.time_ms)
+        tx.execute(
+            "UPDATE batteries SET state = ?, vin = ?, place = ?, out_of_service_ms = ?, final_ms = ?, "
+            "last_event_ms = ?, last_received_at = ? WHERE code = ?",
+            (s.state, s.vin, s.place, s.out_of_service_ms, s.final_ms, s.last_event_ms, at, code),
+        )
+        _reconcile(tx, rules.battery(code), rules.REPLAYED_BATTERY_KINDS, found, at)
+        state, final_ms = s.state, s.final_ms
+    else:
+        tx.execute(
+            "UPDATE batteries SET last_event_ms = ?, last_received_at = ? WHERE code = ?",
+            (max(last_event_ms, latest.time_ms), at, code),
+        )
+    if state == "recycled" and final_ms is not None:
+        later = tx.all("SELECT kid, seq, type FROM event_codes WHERE code = ? AND device_time_ms > ?", (code, final_ms))
+        out.extend(rules.after_end_of_life(code, final_ms, later))
+    # Any new event accounts for the battery again; the sweep raises "unaccounted" when time passes.
+    _reconcile(tx, rules.battery(code), ("unaccounted",), [], at)
+    return out
+
+
+def _vehicle(tx: Tx, vin: str, at: float) -> None:
+    tx.execute(
+        "INSERT INTO vehicles (vin, state, batteries, last_event_ms) VALUES (?, 'unknown', '[]', 0) "
+        "ON CONFLICT (vin) DO NOTHING",
+        (vin,),
+    )
+    tx.execute(f"SELECT vin FROM vehicles WHERE vin = ?{tx.dialect.for_update}", (vin,))
+    v, found = rules.replay_vehicle(vin, _lifecycle_facts(tx, _VEHICLE_LIFECYCLE, vin))
+    tx.execute(
+        "UPDATE vehicles SET state = ?, batteries = ?, last_event_ms = ? WHERE vin = ?",
+        (v.state, json.dumps(sorted(v.batteries)), v.last_event_ms, vin),
+    )
+    _reconcile(tx, rules.vehicle(vin), rules.REPLAYED_VEHICLE_KINDS, found, at)
+
+
+def _upsert(tx: Tx, f: Finding, at: float) -> None:
+    tx.execute(
+        "INSERT INTO findings (kind, subject, ref_kid, ref_seq, detail, raised_at) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (kind, subject, ref_kid, ref_seq) DO UPDATE SET detail = excluded.detail, resolved_at = NULL",
+        (f.kind, f.subject, f.ref[0], f.ref[1], f.detail, at),
+    )
+
+
+def _raise(tx: Tx, findings: list[Finding], at: float) -> int:
+    for f in findings:
+        _upsert(tx, f, at)
+    return len(findings)
+
+
+def _reconcile(tx: Tx, subject: str, kinds: Iterable[str], desired: list[Finding], at: float) -> None:
+    """Make the open findings of these kinds for this subject exactly ``desired``: raise new, resolve gone."""
+    kinds = tuple(kinds)
+    marks = ",".join("?" * len(kinds))
+    open_rows = tx.all(
+        f"SELECT id, kind, ref_kid, ref_seq FROM findings WHERE subject = ? AND kind IN ({marks}) "
+        "AND resolved_at IS NULL",
+        (subject, *kinds),
+    )
+    wanted = {(f.kind, f.ref) for f in desired}
+    for row_id, kind, ref_kid, ref_seq in open_rows:
+        if (kind, (ref_kid, ref_seq)) not in wanted:
+            tx.execute("UPDATE findings SET resolved_at = ? WHERE id = ?", (at, row_id))
+    for f in desired:
+        _upsert(tx, f, at)
+
+
+def sweep(tx: Tx, now: float, settings: RuleSettings) -> int:
+    """Time-based findings: batteries unaccounted for too long, sequence holes older than the gap window."""
+    raised = 0
+    now_ms = int(now * 1000)
+    limit_ms = now_ms - int(settings.unaccounted_days * rules.DAY_MS)
+    idle = tx.all(
+        "SELECT code, state, vin, place, out_of_service_ms, final_ms, last_event_ms FROM batteries "
+        "WHERE state IN ('removed', 'retired') AND out_of_service_ms IS NOT NULL AND last_event_ms < ?",
+        (limit_ms,),
+    )
+    for code, state, vin, place, oos, final_ms, last_ms in idle:
+        s = rules.BatteryState(code, state, vin, place, oos, final_ms, last_ms)
+        ref = tx.one(
+            "SELECT kid, seq FROM event_codes WHERE code = ? ORDER BY device_time_ms DESC, seq DESC LIMIT 1", (code,)
+        )
+        finding = rules.unaccounted(s, (ref[0], ref[1]) if ref else (b"", 0), now_ms, settings.unaccounted_days)
+        _reconcile(tx, rules.battery(code), ("unaccounted",), [finding] if finding else [], now)
+        raised += finding is not None
+    gap_before = now - settings.gap_minutes * 60
+    chains = tx.all("SELECT kid, device, watermark FROM chains WHERE max_seq > watermark")
+    for kid, device, watermark in chains:
+        first_after = tx.value("SELECT MIN(received_at) FROM events WHERE kid = ? AND seq > ?", (kid, watermark))
+        subject = f"device:{device}"
+        desired = []
+        if first_after is not None and first_after < gap_before:
+            desired.append(
+                Finding(
+                    "sequence_gap", subject, (kid, watermark + 1), f"seq {watermark + 1} of key {kid.hex()} missing"
+                )
+            )
+        _reconcile_gaps(tx, subject, kid, desired, now)
+        raised += len(desired)
+    # Gaps that were filled: their chains no longer have max_seq > watermark.
+    for row_id, ref_kid, ref_seq in tx.all(
+        "SELECT f.id, f.ref_kid, f.ref_seq FROM findings f WHERE f.kind = 'sequence_gap' AND f.resolved_at IS NULL"
+    ):
+        if tx.value("SELECT 1 FROM events WHERE kid = ? AND seq = ?", (ref_kid, ref_seq)):
+            tx.execute("UPDATE findings SET resolved_at = ? WHERE id = ?", (now, row_id))
+    return raised
+
+
+def _reconcile_gaps(tx: Tx, subject: str, kid: bytes, desired: list[Finding], now: float) -> None:
+    for row_id, ref_seq in tx.all(
+        "SELECT id, ref_seq FROM findings WHERE kind = 'sequence_gap' AND subject = ? AND ref_kid = ? "
+        "AND resolved_at IS NULL",
+        (subject, kid),
+    ):
+        if all(f.ref != (kid, ref_seq) for f in desired):
+            tx.execute("UPDATE findings SET resolved_at = ? WHERE id = ?", (now, row_id))
+    for f in desired:
+        _upsert(tx, f, now)
+
+
+def flag_after_revocation(tx: Tx, kids: list[bytes], at: float, now: float) -> int:
+    """Events already stored that arrived after a (backdated) revocation time become findings."""
+    flagged = 0
+    for kid in kids:
+        for device, seq in tx.all("SELECT device, seq FROM events WHERE kid = ? AND received_at >= ?", (kid, at)):
+            detail = f"stored before key {kid.hex()} was revoked with effect from an earlier time"
+            _upsert(tx, Finding("revoked_key", f"device:{device}", (kid, seq), detail), now)
+            flagged += 1
+    return flagged

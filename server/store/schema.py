@@ -1,0 +1,113 @@
+"""Versioned migrations, written once for both backends.
+
+Type names differ between SQLite and PostgreSQL (``BLOB``/``BYTEA``, ``REAL``/``DOUBLE PRECISION``,
+the auto-numbered key), so the DDL uses ``{placeholders}`` that each dialect fills in; everything else
+is the same SQL, which keeps the two backends' semantics from drifting apart. A migration is
+applied once, in a transaction, and recorded in ``schema_version``; never edit one that has shipped,
+add the next.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: registry, append-only events, chains, quarantine. ``envelope`` is the evidence, exactly as
+    # received; ``body`` is a JSON copy of the event's type fields, for queries and exports only.
+    """
+    CREATE TABLE devices (
+        device TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        org TEXT,
+        enrolled_at {real} NOT NULL
+    );
+    CREATE TABLE keys (
+        kid {blob} PRIMARY KEY,
+        device TEXT NOT NULL REFERENCES devices (device),
+        public_key {blob} NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        valid_from {real} NOT NULL,
+        valid_until {real},
+        revoked_at {real}
+    );
+    CREATE INDEX keys_device ON keys (device);
+    CREATE TABLE events (
+        kid {blob} NOT NULL,
+        seq BIGINT NOT NULL,
+        device TEXT NOT NULL,
+        type TEXT NOT NULL,
+        vin TEXT,
+        device_time_ms BIGINT NOT NULL,
+        received_at {real} NOT NULL,
+        hash {blob} NOT NULL,
+        prev {blob} NOT NULL,
+        body TEXT NOT NULL,
+        envelope {blob} NOT NULL,
+        PRIMARY KEY (kid, seq)
+    );
+    CREATE INDEX events_device_time ON events (device, device_time_ms);
+    CREATE INDEX events_vin ON events (vin, device_time_ms);
+    CREATE INDEX events_received ON events (received_at);
+    CREATE TABLE event_codes (
+        code TEXT NOT NULL,
+        kid {blob} NOT NULL,
+        seq BIGINT NOT NULL,
+        field TEXT NOT NULL,
+        type TEXT NOT NULL,
+        device_time_ms BIGINT NOT NULL,
+        valid BOOLEAN NOT NULL,
+        PRIMARY KEY (code, kid, seq, field)
+    );
+    CREATE INDEX event_codes_time ON event_codes (code, device_time_ms);
+    CREATE INDEX event_codes_event ON event_codes (kid, seq);
+    CREATE TABLE chains (
+        kid {blob} PRIMARY KEY,
+        device TEXT NOT NULL,
+        watermark BIGINT NOT NULL,
+        max_seq BIGINT NOT NULL,
+        last_received_at {real} NOT NULL
+    );
+    CREATE TABLE quarantine (
+        id {serial_pk},
+        received_at {real} NOT NULL,
+        topic TEXT NOT NULL,
+        device TEXT,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        raw {blob} NOT NULL
+    );
+    CREATE INDEX quarantine_reason ON quarantine (reason, received_at);
+    CREATE INDEX quarantine_time ON quarantine (received_at);
+    """,
+    # 2: derived state (batteries, vehicles) and findings
+    """
+    CREATE TABLE batteries (
+        code TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        vin TEXT,
+        place TEXT,
+        out_of_service_ms BIGINT,
+        final_ms BIGINT,
+        last_event_ms BIGINT NOT NULL,
+        last_received_at {real} NOT NULL
+    );
+    CREATE INDEX batteries_vin ON batteries (vin);
+    CREATE TABLE vehicles (
+        vin TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        batteries TEXT NOT NULL,
+        last_event_ms BIGINT NOT NULL
+    );
+    CREATE TABLE findings (
+        id {serial_pk},
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        ref_kid {blob},
+        ref_seq BIGINT,
+        detail TEXT NOT NULL,
+        raised_at {real} NOT NULL,
+        resolved_at {real},
+        UNIQUE (kind, subject, ref_kid, ref_seq)
+    );
+    CREATE INDEX findings_open ON findings (resolved_at, kind);
+    CREATE INDEX findings_subject ON findings (subject);
+    """,
+)
