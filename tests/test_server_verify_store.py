@@ -7,9 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import cbor, envelope, events, keys
+from server import verify
 from server.records import Accepted, KeyRecord, Rejected
 from server.store import Store, StoreError
-from server import verify
 from server.verify import REASONS
 from tests.event_examples import event
 

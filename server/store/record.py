@@ -156,6 +156,11 @@ def _advance(tx: Tx, kid: bytes, watermark: int, at: float) -> int:
         "last_received_at = ? WHERE kid = ?",
         (watermark, kid, at, kid),
     )
+    tx.execute(  # a hole that is now filled is no longer a gap
+        "UPDATE findings SET resolved_at = ? WHERE kind = 'sequence_gap' AND ref_kid = ? AND ref_seq <= ? "
+        "AND resolved_at IS NULL",
+        (at, kid, watermark),
+    )
     return watermark
 
 
@@ -328,12 +333,6 @@ def sweep(tx: Tx, now: float, settings: RuleSettings) -> int:
             )
         _reconcile_gaps(tx, subject, kid, desired, now)
         raised += len(desired)
-    # Gaps that were filled: their chains no longer have max_seq > watermark.
-    for row_id, ref_kid, ref_seq in tx.all(
-        "SELECT f.id, f.ref_kid, f.ref_seq FROM findings f WHERE f.kind = 'sequence_gap' AND f.resolved_at IS NULL"
-    ):
-        if tx.value("SELECT 1 FROM events WHERE kid = ? AND seq = ?", (ref_kid, ref_seq)):
-            tx.execute("UPDATE findings SET resolved_at = ? WHERE id = ?", (now, row_id))
     return raised
 
 
