@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepare a machine to run battery-trace: Python >= 3.11 with venv, the project in .venv, and the
-# mosquitto broker (the demo and the integration tests start private brokers of their own).
+# Prepare a machine to run battery-trace: Python >= 3.11 with venv, the project in .venv, the
+# mosquitto broker (the demo and the integration tests start private brokers of their own) and, when
+# BT_NEED_POSTGRES is set (the tests), PostgreSQL's server programs for private test clusters.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only does what is missing).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,3 +81,17 @@ if ! find_mosquitto >/dev/null; then
   exit 1
 fi
 export BT_MOSQUITTO="${BT_MOSQUITTO:-$(find_mosquitto)}"
+
+# The tests also run the record on PostgreSQL, in private clusters they create with initdb.
+if [ -n "${BT_NEED_POSTGRES:-}" ]; then
+  find_initdb() {
+    command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1
+  }
+  if [ -z "$(find_initdb)" ]; then
+    apt_install postgresql || true
+  fi
+  if [ -z "$(find_initdb)" ]; then
+    say "need PostgreSQL's server programs (initdb, pg_ctl). On Debian/Ubuntu: sudo apt-get install postgresql"
+    exit 1
+  fi
+fi

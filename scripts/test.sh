@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g.  scripts/test.sh -k envelope -x
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$root/scripts/setup.sh"
+BT_NEED_POSTGRES=1 source "$root/scripts/setup.sh"
 cd "$root"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .

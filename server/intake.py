@@ -67,12 +67,18 @@ class Collector:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
             log.error("broker refused the collector: %s", reason)
             return
         client.subscribe(topics.SHARED_EVENTS, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list, props: object) -> None:
+        if any(getattr(r, "is_failure", False) for r in reasons):
+            log.error("the broker refused the subscription to %s: %s", topics.SHARED_EVENTS, reasons)
+            return
         self.connected.set()
         log.info("collector %s subscribed to %s", self.settings.client_id, topics.SHARED_EVENTS)
 

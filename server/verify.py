@@ -25,6 +25,7 @@ REASONS = (
     "device_mismatch",
     "role_not_allowed",
     "schema",
+    "sequence_reused",  # decided at commit: a validly signed second event under a stored sequence number
 )
 
 

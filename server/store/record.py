@@ -58,6 +58,7 @@ def commit(
     for item in accepted:
         by_kid[item.kid].append(item)
     new: list[Accepted] = []
+    reused: list[Rejected] = []
     duplicates = 0
     findings: list[Finding] = []
     watermarks: dict[bytes, tuple[str, int]] = {}
@@ -67,19 +68,27 @@ def commit(
         watermark = _lock_chain(tx, kid, device, at)
         seqs = sorted({i.event.seq for i in items})
         marks = ",".join("?" * len(seqs))
-        stored = {r[0] for r in tx.all(f"SELECT seq FROM events WHERE kid = ? AND seq IN ({marks})", (kid, *seqs))}
+        stored = dict(tx.all(f"SELECT seq, hash FROM events WHERE kid = ? AND seq IN ({marks})", (kid, *seqs)))
         fresh: dict[int, Accepted] = {}
         for item in items:
-            if item.event.seq in stored or item.event.seq in fresh:
-                duplicates += 1
+            seq = item.event.seq
+            known = stored.get(seq) or (fresh[seq].envelope.hash if seq in fresh else None)
+            if known is None:
+                fresh[seq] = item
+            elif known == item.envelope.hash:
+                duplicates += 1  # the same envelope again (at-least-once delivery): acknowledged, not stored
             else:
-                fresh[item.event.seq] = item
+                # Signed by the device, but a second, different event under a used sequence number: the
+                # first one stays the record; this one is kept in quarantine and the fork is a finding.
+                detail = f"seq {seq} of key {kid.hex()} is already stored with other content"
+                reused.append(Rejected(item.topic, item.envelope.raw, "sequence_reused", detail))
+                findings.append(Finding("chain_break", f"device:{device}", (kid, seq), f"seq {seq} signed twice"))
         _insert_events(tx, list(fresh.values()), at)
         new.extend(fresh.values())
         findings.extend(_chain_links(tx, kid, device, fresh))
         watermarks[kid] = (device, _advance(tx, kid, watermark, at))
 
-    quarantined = _quarantine(tx, rejected, at)
+    quarantined = _quarantine(tx, [*rejected, *reused], at)
     findings.extend(_derive(tx, new, at, settings))
     raised = _raise(tx, findings, at)
     return CommitResult(len(new), duplicates, quarantined, watermarks, raised)

@@ -1,0 +1,44 @@
+"""Collector processes for tests and benchmarks: real ``battery-server run`` processes, one config each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness.broker import Broker
+
+
+def write_config(
+    path: Path,
+    store_url: str,
+    broker: Broker,
+    client_id: str,
+    key: Path,
+    batch_ms: float = 20,
+    batch_max: int = 500,
+    receive_max: int = 2000,
+) -> Path:
+    path.write_text(
+        f'[store]\nurl = "{store_url}"\n'
+        f'[server]\nkey = "{key}"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "{client_id}"\n'
+        f"[intake]\nbatch_ms = {batch_ms}\nbatch_max = {batch_max}\nreceive_max = {receive_max}\n"
+    )
+    return path
+
+
+def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "run", "-c", str(config)], stdout=out, stderr=out)
+
+
+def wait_subscribed(log: Path, timeout: float = 30, after: int = 0) -> None:
+    """Until the collector logging to ``log`` has its subscription confirmed (the ``after``-th time + 1)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text().count("subscribed to") > after:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no confirmed subscription in {log} within {timeout} s")
