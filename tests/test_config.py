@@ -103,3 +103,21 @@ def test_arbitrary_text_gives_config_errors_only(tmp_path, text):
     for load in (agent_config.load, server_config.load):
         with contextlib.suppress(ConfigError):
             load(path)
+
+
+def test_server_rules_and_store_url_are_checked(tmp_path):
+    path = tmp_path / "server.toml"
+    shutil.copy(CONFIGS / "server.toml", path)
+    cfg = server_config.load(path)
+    assert cfg.rules.unaccounted_days == 30 and cfg.rules.deadlines_days["installed"] == 15
+    text = path.read_text()
+    for old, new, message in [
+        ("installed = 15", "instaled = 15", "[rules.deadlines_days] instaled: is not an event type"),
+        ("unaccounted_days = 30", "unaccounted_days = -1", "[rules] unaccounted_days = -1: is out of range"),
+        ('url = "sqlite:/var/lib', 'url = "mysql://x/var/lib', "is not a store URL"),
+        ("receive_max = 2000", "receive_max = 0", "[intake] receive_max = 0: is out of range"),
+    ]:
+        path.write_text(text.replace(old, new, 1))
+        with pytest.raises(ConfigError) as err:
+            server_config.load(path)
+        assert message in str(err.value)
