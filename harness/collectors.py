@@ -42,3 +42,16 @@ def wait_subscribed(log: Path, timeout: float = 30, after: int = 0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"no confirmed subscription in {log} within {timeout} s")
+
+
+def end_session(broker: Broker, client_id: str) -> None:
+    """Delete a collector's persistent session, so the broker stops giving it a share of the group."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    client.connect(broker.host, broker.port, clean_start=True, properties=props)
+    client.disconnect()

@@ -35,8 +35,9 @@ def pg_bin(name: str) -> str:
 
 
 class PostgresCluster:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, durable: bool = False) -> None:
         self.workdir = workdir
+        self.durable = durable  # benchmarks want the real cost of a commit; tests want speed
         self.data = workdir / "pgdata"
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -65,7 +66,9 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         # fsync=off only skips flushing the OS cache, which a killed server process does not lose; commits
         # stay synchronous, so a test that stops the server with "immediate" keeps every committed row.
-        options = f"-p {self.port} -k {self.workdir} -c listen_addresses={self.host} -c fsync=off"
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses={self.host}"
+        if not self.durable:
+            options += " -c fsync=off"
         self._run(
             pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.workdir / "pg.log"), "-w", "start"
         )
@@ -79,6 +82,7 @@ class PostgresCluster:
         return f"postgresql://postgres@{self.host}:{self.port}/{dbname}"
 
     def create_database(self, prefix: str = "bt") -> str:
+        """A new, empty database; returns its URL."""
         import psycopg
 
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.bindings
@@ -37,6 +37,7 @@ def key_id(public_raw: bytes) -> bytes:
 @dataclass(frozen=True)
 class PublicKey:
     raw: bytes
+    _verifier: nacl.signing.VerifyKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.raw) != 32:
@@ -44,6 +45,7 @@ class PublicKey:
         if not nacl.bindings.crypto_core_ed25519_is_valid_point(self.raw):
             # Small-order or non-canonical points would let anyone forge signatures that "verify".
             raise InvalidKey("not a sound Ed25519 public key (not on the curve, small order, or non-canonical)")
+        object.__setattr__(self, "_verifier", nacl.signing.VerifyKey(self.raw))  # built once, used per event
 
     @property
     def kid(self) -> bytes:
@@ -61,7 +63,7 @@ class PublicKey:
         if len(signature) != 64:
             return False
         try:
-            nacl.signing.VerifyKey(self.raw).verify(message, signature)
+            self._verifier.verify(message, signature)
         except nacl.exceptions.BadSignatureError:
             return False
         return True

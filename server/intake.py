@@ -2,12 +2,18 @@
 
 The broker's acknowledgement (PUBACK) for each message is sent only after the batch holding it has
 committed, so a collector that dies mid-batch leaves the broker to deliver those messages again.
-paho's network thread only queues messages; one worker thread verifies, commits, acknowledges and
-sends receipts. The queue's bound is the MQTT v5 Receive Maximum announced to the broker: the broker
-never has more unacknowledged messages out to this collector than that, so the queue can never
-overflow and the network thread never blocks (which would starve keep-alives).
 
-When the store is unreachable, the batch is retried with backoff; nothing is acknowledged meanwhile,
+Three kinds of threads, so the work overlaps:
+  - paho's network thread only queues what arrives;
+  - verifier threads (``verify_threads``) take batches and check them; Ed25519 verification
+    releases the GIL, so one verifier's signatures overlap another's Python work;
+  - the calling thread commits verified batches in the order they were verified, then acknowledges
+    and sends receipts; database I/O releases the GIL too.
+The queue's bound is the MQTT v5 Receive Maximum announced to the broker: the broker never has more
+unacknowledged messages out to this collector than that, so the queue cannot overflow and the
+network thread never blocks (which would starve keep-alives).
+
+When the store is unreachable, a batch is retried with backoff; nothing is acknowledged meanwhile,
 so the broker stops sending at Receive Maximum and keeps the rest.
 """
 
@@ -18,7 +24,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -28,10 +36,11 @@ from protocol import topics
 from protocol.keys import PrivateKey
 from server import receipts
 from server.records import Accepted, Rejected
-from server.store import Store, StoreUnavailable
+from server.store import CommitResult, Store, StoreUnavailable
 from server.verify import Parsed, check, parse
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,20 @@ class IntakeSettings:
     batch_max: int = 500
     batch_ms: float = 50.0
     receive_max: int = 2000
-    session_expiry_s: int = 7 * 24 * 3600
+    verify_threads: int = 2
+    # Short on purpose: in a shared-subscription group the broker keeps handing an absent member its
+    # share until the session expires. Nothing is lost when it does (agents resend until receipted),
+    # but a long expiry would hold a retired collector's share back for that long.
+    session_expiry_s: int = 300
     sweep_interval_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Verified:
+    batch: list[mqtt.MQTTMessage]
+    accepted: list[Accepted]
+    rejected: list[Rejected]
+    received_at: float
 
 
 class Collector:
@@ -53,11 +74,13 @@ class Collector:
         self.store = store
         self.server_key = server_key
         self.queue: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=settings.receive_max * 2)
+        self.verified: queue.Queue[Verified] = queue.Queue(maxsize=settings.verify_threads)
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        self.connected = threading.Event()
         self.store_ok = threading.Event()
         self.store_ok.set()
         self._last_sweep = 0.0
-        self.counters: Counter[str] = Counter()
-        self.connected = threading.Event()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -68,6 +91,12 @@ class Collector:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += n
+
+    # -- MQTT (paho's network thread) -------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
         if getattr(reason, "is_failure", False):
@@ -84,7 +113,7 @@ class Collector:
 
     def _on_disconnect(self, client: mqtt.Client, *args: object) -> None:
         self.connected.clear()
-        self.counters["disconnects"] += 1
+        self.count("disconnects")
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self.queue.put(message)
@@ -102,21 +131,44 @@ class Collector:
         self.client.disconnect()
         self.client.loop_stop()
 
+    # -- the pipeline -----------------------------------------------------------------------------
+
     def run(self, stop: threading.Event) -> None:
-        """Process batches until ``stop`` is set."""
-        while not stop.is_set():
-            batch = self._take_batch()
-            if batch:
-                self.process(batch, stop)
+        """Verify and commit until ``stop`` is set; then commit what is already verified."""
+        verifiers = [
+            threading.Thread(target=self._verify_loop, args=(stop,), name=f"verify-{i}", daemon=True)
+            for i in range(self.settings.verify_threads)
+        ]
+        for t in verifiers:
+            t.start()
+        while not (stop.is_set() and self.verified.empty()):
+            try:
+                item = self.verified.get(timeout=0.2)
+            except queue.Empty:
+                item = None
+            if item is not None and not self.commit(item, stop):
+                break
             if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
                 self._sweep()
+        for t in verifiers:
+            t.join(timeout=5)
 
-    def _sweep(self) -> None:
-        try:
-            self.store.sweep(time.time())
-            self._last_sweep = time.monotonic()
-        except StoreUnavailable as exc:
-            log.warning("sweep postponed: %s", exc)
+    def _verify_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            batch = self._take_batch()
+            if not batch:
+                continue
+            now = time.time()
+            outcome = self._retrying(lambda b=batch, n=now: self.verify(b, n), stop)
+            if outcome is None:
+                return
+            item = Verified(batch, *outcome, now)
+            while not stop.is_set():
+                try:
+                    self.verified.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
 
     def _take_batch(self) -> list[mqtt.MQTTMessage]:
         try:
@@ -148,37 +200,51 @@ class Collector:
                 accepted.append(outcome)
             else:
                 rejected.append(outcome)
-                self.counters[f"rejected:{outcome.reason}"] += 1
+                self.count(f"rejected:{outcome.reason}")
                 log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
         return accepted, rejected
 
-    def process(self, batch: list[mqtt.MQTTMessage], stop: threading.Event | None = None) -> bool:
-        """Verify, commit, then acknowledge and send receipts. False when stopped before it could commit."""
+    def commit(self, item: Verified, stop: threading.Event | None = None) -> bool:
+        """Commit, then acknowledge and send receipts. False when stopped before it could commit."""
+        result: CommitResult | None = self._retrying(
+            lambda: self.store.commit(item.accepted, item.rejected, item.received_at), stop
+        )
+        if result is None:
+            return False  # never acknowledged: the broker delivers these again
+        self.count("received", len(item.batch))
+        self.count("stored", result.stored)
+        self.count("duplicates", result.duplicates)
+        self.count("findings", result.findings)
+        for message in item.batch:  # only now: everything in the batch is durable
+            self.client.ack(message.mid, message.qos)
+        for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(time.time() * 1000)):
+            self.client.publish(topic, receipt, qos=1)
+            self.count("receipts")
+        return True
+
+    def _retrying(self, work: Callable[[], T], stop: threading.Event | None) -> T | None:
+        """``work()``, retried with backoff while the store is unavailable; None if stopped meanwhile."""
         backoff = 0.2
         while True:
-            now = time.time()
             try:
-                accepted, rejected = self.verify(batch, now)
-                result = self.store.commit(accepted, rejected, now)
-                break
+                result = work()
             except StoreUnavailable as exc:
                 if self.store_ok.is_set():
-                    log.error("store unavailable, holding %d messages unacknowledged: %s", len(batch), exc)
+                    log.error("store unavailable, holding messages unacknowledged: %s", exc)
                 self.store_ok.clear()
-                self.counters["store_failures"] += 1
+                self.count("store_failures")
                 if stop is not None and stop.wait(backoff):
-                    return False  # never acknowledged: the broker delivers them again
+                    return None
                 backoff = min(backoff * 2, 5.0)
-        if not self.store_ok.is_set():
-            log.info("store reachable again")
-            self.store_ok.set()
-        self.counters["received"] += len(batch)
-        self.counters["stored"] += result.stored
-        self.counters["duplicates"] += result.duplicates
-        self.counters["findings"] += result.findings
-        for message in batch:  # only now: everything in the batch is durable
-            self.client.ack(message.mid, message.qos)
-        for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(now * 1000)):
-            self.client.publish(topic, receipt, qos=1)
-            self.counters["receipts"] += 1
-        return True
+                continue
+            if not self.store_ok.is_set():
+                log.info("store reachable again")
+                self.store_ok.set()
+            return result
+
+    def _sweep(self) -> None:
+        try:
+            self.store.sweep(time.time())
+            self._last_sweep = time.monotonic()
+        except StoreUnavailable as exc:
+            log.warning("sweep postponed: %s", exc)

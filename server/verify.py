@@ -74,10 +74,17 @@ def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted |
         envelope.verify(p.envelope, record.public)
     except envelope.EnvelopeError as exc:
         return reject(exc.reason, str(exc))
+    # One strict, deterministic decode serves every later step; only a payload that is not in the
+    # deterministic form is decoded a second time, leniently, so device and role still come first.
+    encoding_problem = None
     try:
-        claims = cbor.decode(p.envelope.payload)
+        claims = cbor.decode(p.envelope.payload, deterministic=True)
     except cbor.CborError as exc:
-        return reject("schema", f"payload is not CBOR: {exc}")
+        encoding_problem = str(exc)
+        try:
+            claims = cbor.decode(p.envelope.payload)
+        except cbor.CborError as exc2:
+            return reject("schema", f"payload is not CBOR: {exc2}")
     claimed = claims if isinstance(claims, dict) else {}
     payload_device = claimed.get("device")
     if not (payload_device == record.device == p.topic_device):
@@ -90,8 +97,10 @@ def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted |
     if event_type in events.EVENT_TYPES and record.role not in events.roles_for(event_type):
         allowed = ", ".join(events.roles_for(event_type))
         return reject("role_not_allowed", f"a {record.role} may not sign {event_type!r} (allowed: {allowed})")
+    if encoding_problem:
+        return reject("schema", f"$: {encoding_problem}")
     try:
-        event = events.decode(p.envelope.payload)
+        event = events.from_map(claims)
     except events.EventError as exc:
         return reject("schema", str(exc))
     if record.valid_until is not None and event.time_ms > record.valid_until * 1000:

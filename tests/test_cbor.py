@@ -139,3 +139,38 @@ def _same(a, b):
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b and type(a) is type(b)
+
+
+def _agree(data: bytes, deterministic: bool, tags: frozenset[int] = frozenset()) -> None:
+    """The fast path either declines or returns exactly what the strict decoder returns."""
+    try:
+        strict = cbor.decode_strict(data, deterministic=deterministic, tags=tags)
+    except cbor.CborError:
+        strict = cbor.CborError
+    try:
+        fast = cbor._fast(data, deterministic, tags, cbor.MAX_DEPTH)
+    except cbor._NotSure:
+        return
+    assert strict is not cbor.CborError, f"fast path accepted what the strict decoder refuses: {data.hex()}"
+    assert _same(fast, strict)
+
+
+@given(st.binary(max_size=200), st.booleans())
+def test_fast_path_agrees_with_the_strict_decoder_on_arbitrary_bytes(data, deterministic):
+    _agree(data, deterministic, frozenset({18}))
+
+
+@given(values, st.booleans())
+def test_fast_path_agrees_on_every_encoding_of_a_value(value, deterministic):
+    _agree(cbor2.dumps(value), deterministic)
+    _agree(cbor2.dumps(value, canonical=True), deterministic)
+    _agree(cbor.encode(value), deterministic)
+
+
+def test_fast_path_is_taken_for_text_keyed_deterministic_maps_and_declines_int_key_orders():
+    event_like = cbor.encode({"seq": 1, "health": {"cells_v": [3.3, 3.301]}, "prev": bytes(32)})
+    assert cbor._fast(event_like, True, frozenset(), cbor.MAX_DEPTH)["seq"] == 1
+    mixed = cbor.encode({24: 1, -1: 2})  # bytewise order here differs from cbor2's length-first order
+    with pytest.raises(cbor._NotSure):
+        cbor._fast(mixed, True, frozenset(), cbor.MAX_DEPTH)
+    assert cbor.decode(mixed, deterministic=True) == {24: 1, -1: 2}  # the strict decoder still accepts it

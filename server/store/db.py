@@ -81,11 +81,39 @@ def _plain(v: Any) -> Any:
     return bytes(v) if isinstance(v, memoryview) else v
 
 
+class _Connection:
+    """One lazily opened connection with its lock; dropped when it fails, reopened on next use."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.lock = threading.RLock()
+        self.conn: Any = None
+
+    def get(self) -> Any:
+        conn = self.conn
+        if conn is not None and self.db.dialect is POSTGRES and (conn.closed or conn.broken):
+            self.conn = conn = None
+        if conn is None:
+            try:
+                self.conn = conn = self.db.connect()
+            except self.db.errors as exc:
+                raise StoreUnavailable(f"cannot reach the store ({_first_line(exc)})") from None
+        return conn
+
+    def abandon(self) -> None:
+        if self.conn is not None:
+            with suppress(Exception):  # the connection is already unusable; closing is best effort
+                self.conn.close()
+        self.conn = None
+
+
 class Database:
+    """The record's database. Writes go through one connection, reads through another, so that key
+    lookups and queries never wait behind a long batch commit (SQLite WAL and PostgreSQL both let a
+    reader see the last committed state while a writer works)."""
+
     def __init__(self, url: str) -> None:
         self.url = url
-        self._lock = threading.RLock()
-        self._conn: Any = None
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             self.dialect = POSTGRES
         elif url.startswith("sqlite:"):
@@ -93,6 +121,8 @@ class Database:
             self.path = Path(url.removeprefix("sqlite:").removeprefix("//"))
         else:
             raise StoreError(f"store URL {url!r} is not supported; valid: sqlite:PATH or postgresql://...")
+        self._writer = _Connection(self)
+        self._reader = _Connection(self)
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
@@ -102,7 +132,7 @@ class Database:
 
         return (psycopg.OperationalError, psycopg.InterfaceError)
 
-    def _connect(self) -> Any:
+    def connect(self) -> Any:
         if self.dialect is SQLITE:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -114,59 +144,44 @@ class Database:
 
         return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
 
-    def _connection(self) -> Any:
-        if self._conn is not None and self.dialect is POSTGRES and (self._conn.closed or self._conn.broken):
-            self._conn = None
-        if self._conn is None:
-            try:
-                self._conn = self._connect()
-            except self.errors as exc:
-                raise StoreUnavailable(f"cannot reach the store ({_first_line(exc)})") from None
-        return self._conn
-
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        with self._lock:
-            conn = self._connection()
+        slot = self._writer
+        with slot.lock:
+            conn = slot.get()
             try:
                 conn.execute(self.dialect.begin)
-                tx = Tx(conn, self.dialect)
-                yield tx
+                yield Tx(conn, self.dialect)
                 conn.execute("COMMIT")
             except self.errors as exc:
-                self._abandon(conn)
+                slot.abandon()
                 raise StoreUnavailable(f"the store failed mid-transaction ({_first_line(exc)})") from None
             except BaseException:
-                self._rollback(conn)
+                try:
+                    conn.execute("ROLLBACK")
+                except self.errors:
+                    slot.abandon()
                 raise
 
     @contextmanager
     def reading(self) -> Iterator[Tx]:
-        with self._lock:
-            conn = self._connection()
+        """Autocommitted reads of the last committed state."""
+        slot = self._reader
+        with slot.lock:
+            conn = slot.get()
             try:
                 yield Tx(conn, self.dialect)
             except self.errors as exc:
-                self._abandon(conn)
+                slot.abandon()
                 raise StoreUnavailable(f"the store failed while reading ({_first_line(exc)})") from None
 
-    def _rollback(self, conn: Any) -> None:
-        try:
-            conn.execute("ROLLBACK")
-        except self.errors:
-            self._abandon(conn)
-
-    def _abandon(self, conn: Any) -> None:
-        with suppress(Exception):  # the connection is already unusable; closing is best effort
-            conn.close()
-        self._conn = None
-
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        for slot in (self._writer, self._reader):
+            with slot.lock:
+                if slot.conn is not None:
+                    slot.conn.close()
+                    slot.conn = None
 
     def migrate(self) -> None:
         types = {"blob": self.dialect.blob, "real": self.dialect.real, "serial_pk": self.dialect.serial_pk}

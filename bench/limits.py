@@ -1,0 +1,112 @@
+"""The limits a collector is compared with, measured on this machine in the same run (DESIGN.md §10).
+
+- receive: messages per second a plain MQTT v5 subscriber gets from the broker, acknowledging only;
+- verify: Ed25519 verifications per second on one thread, with PyNaCl and with ``cryptography``;
+- insert: event rows per second into the store, in batched transactions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from harness.broker import Broker
+from harness.publisher import Publisher
+from protocol import envelope
+from protocol.keys import PublicKey
+from server.store.db import Database
+
+
+def composed(*rates: float) -> float:
+    """The ceiling when per-event costs add up: 1 / (1/a + 1/b + ...)."""
+    return 1 / sum(1 / r for r in rates)
+
+
+def verify_rates(sealed: list[bytes], public: dict[bytes, PublicKey], seconds: float = 2.0) -> dict[str, float]:
+    items = []
+    for raw in sealed[:2000]:
+        env = envelope.decode(raw)
+        items.append((public[env.kid], env.sig_structure(), env.signature))
+    openssl = [(Ed25519PublicKey.from_public_bytes(k.raw), m, s) for k, m, s in items]
+    out = {}
+    for name, check in (
+        ("pynacl", lambda k, m, s: k.verify(m, s)),
+        ("cryptography", lambda k, m, s: k.verify(s, m)),
+    ):
+        batch = items if name == "pynacl" else openssl
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for k, m, s in batch:
+                check(k, m, s)
+            n += len(batch)
+        out[name] = n / (time.perf_counter() - start)
+    return out
+
+
+def receive_rate(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
+    """Broker -> one subscriber: queue the messages for an offline persistent session, then drain it."""
+    client_id = f"bench-receive-{uuid.uuid4().hex[:8]}"
+    done = threading.Event()
+    count = 0
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        nonlocal count
+        count += 1
+        if count >= len(messages):
+            done.set()
+
+    def connect() -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        props.ReceiveMaximum = 2000
+        subscribed = threading.Event()
+        c.on_connect = lambda cl, *a: cl.subscribe("$share/bench/bt/v1/+/events", qos=1)
+        c.on_subscribe = lambda *a: subscribed.set()
+        c.on_message = on_message
+        c.connect(broker.host, broker.port, clean_start=False, properties=props)
+        c.loop_start()
+        subscribed.wait(10)
+        return c
+
+    first = connect()
+    first.disconnect()
+    first.loop_stop()
+    publisher = Publisher(broker, f"bench-pub-{uuid.uuid4().hex[:8]}")
+    publisher.publish(messages)
+    publisher.close()
+    start = time.perf_counter()
+    c = connect()
+    done.wait(600)
+    elapsed = time.perf_counter() - start
+    c.disconnect()
+    c.loop_stop()
+    return count / elapsed
+
+
+def insert_rate(url: str, rows: list[tuple], batch: int = 500) -> float:
+    """Event rows per second, ``batch`` rows per transaction, into a scratch table shaped like ``events``."""
+    db = Database(url)
+    types = {"sqlite": "BLOB", "postgresql": "BYTEA"}[db.dialect.name]
+    with db.transaction() as tx:
+        tx.execute("DROP TABLE IF EXISTS bench_events")
+        tx.execute(
+            f"CREATE TABLE bench_events (kid {types} NOT NULL, seq BIGINT NOT NULL, device TEXT NOT NULL, "
+            f"type TEXT NOT NULL, device_time_ms BIGINT NOT NULL, hash {types} NOT NULL, body TEXT NOT NULL, "
+            f"envelope {types} NOT NULL, PRIMARY KEY (kid, seq))"
+        )
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        with db.transaction() as tx:
+            tx.executemany("INSERT INTO bench_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows[i : i + batch])
+    elapsed = time.perf_counter() - start
+    with db.transaction() as tx:
+        tx.execute("DROP TABLE bench_events")
+    db.close()
+    return len(rows) / elapsed
