@@ -10,6 +10,7 @@ because our reading of the standard is incomplete.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -196,7 +197,11 @@ def parse(text: str) -> BatteryCode:
 
     Raises CodeError naming the position, the character and the rule broken.
     """
-    code = normalise(text)
+    return _parse(normalise(text))
+
+
+@functools.lru_cache(maxsize=65536)  # the same batteries report again and again; BatteryCode is immutable
+def _parse(code: str) -> BatteryCode:
     if len(code) not in (ORIGINAL_LENGTH, SECOND_LIFE_LENGTH):
         raise CodeError(
             code,

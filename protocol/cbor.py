@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,11 @@ def _head(major: int, n: int) -> bytes:
         if n < 1 << (8 * size):
             return bytes([major << 5 | info]) + n.to_bytes(size, "big")
     raise ValueError(f"{n} does not fit in 64 bits (bignums are outside the contract)")
+
+
+def byte_string_head(length: int) -> bytes:
+    """The head of a byte string of ``length`` bytes (major type 2, shortest form)."""
+    return _head(2, length)
 
 
 def _float(value: float) -> bytes:
@@ -219,6 +223,9 @@ class _Reader:
         raise CborError(start, f"simple value {info} is not allowed (only false, true, null and floats)")
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
 class _NotSure(Exception):
     """The fast path cannot vouch for this input; the strict decoder decides."""
 
@@ -235,18 +242,24 @@ def _plain(value: Any, tags: frozenset[int], depth: int, limit: int, text_keys: 
             raise _NotSure
         return value
     if t is list or t is tuple:
-        if all(type(v) is float or type(v) is int for v in value):  # the common case: readings
+        if set(map(type, value)) <= _NUMBER_TYPES:  # the common case: lists of readings
             if (value and depth >= limit) or not all(map(math.isfinite, value)):
                 raise _NotSure
             return list(value)
         return [_plain(v, tags, depth + 1, limit, text_keys) for v in value]
-    if isinstance(value, Mapping) and (t is dict or t is cbor2.frozendict):
+    if t is dict or t is cbor2.frozendict:
         out = {}
         for k, v in value.items():
             kt = type(k)
             if not (kt is str or (kt is int and not text_keys)):
                 raise _NotSure
-            out[k] = _plain(v, tags, depth + 1, limit, text_keys)
+            vt = type(v)  # scalars inline: most values of an event are, and a call each adds up
+            if vt is str or vt is int or vt is bytes or vt is bool or (vt is float and math.isfinite(v)):
+                if depth >= limit:
+                    raise _NotSure
+                out[k] = v
+            else:
+                out[k] = _plain(v, tags, depth + 1, limit, text_keys)
         return out
     if t is cbor2.CBORTag and value.tag in tags:
         return Tag(value.tag, _plain(value.value, tags, depth + 1, limit, text_keys))

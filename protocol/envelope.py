@@ -9,6 +9,7 @@ bytes we store are the bytes that were signed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +69,17 @@ def envelope_hash(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
+_SIG1_PREFIX = cbor.encode(["Signature1", b"", b"", b""])[:12]  # array(4), "Signature1"
+_EMPTY_BSTR = cbor.encode(b"")
+
+
 def _sig_structure(protected_raw: bytes, payload: bytes) -> bytes:
-    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad, payload], external_aad empty.
-    return cbor.encode(["Signature1", protected_raw, b"", payload])
+    # RFC 9052 §4.4: ["Signature1", body_protected, external_aad, payload], external_aad empty. Built from
+    # its parts: the same bytes cbor.encode gives for that array, without walking it on every event.
+    return b"".join(
+        (_SIG1_PREFIX, cbor.byte_string_head(len(protected_raw)), protected_raw, _EMPTY_BSTR,
+         cbor.byte_string_head(len(payload)), payload)
+    )  # fmt: skip
 
 
 def sign(payload: bytes, key: PrivateKey) -> bytes:
@@ -84,6 +93,24 @@ def _header_map(value: Any, where: str) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise EnvelopeError("malformed", f"{where} header must be a map, got {type(value).__name__}")
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_protected(protected_raw: bytes) -> tuple[tuple[Any, Any], ...]:
+    # Every envelope of a key carries the same protected header: decode each distinct one once.
+    try:
+        protected = cbor.decode(protected_raw)
+    except cbor.CborError as exc:
+        raise EnvelopeError("malformed", f"protected header: {exc}") from None
+    return tuple(_header_map(protected, "protected").items())
+
+
+def _protected_header(protected_raw: bytes) -> dict[Any, Any]:
+    if not protected_raw:
+        return {}
+    if len(protected_raw) > 256:  # never let large, attacker-chosen headers fill the cache
+        return dict(_decode_protected.__wrapped__(protected_raw))
+    return dict(_decode_protected(protected_raw))
 
 
 def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
@@ -105,14 +132,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
     protected_raw, unprotected, payload, signature = body
     if not isinstance(protected_raw, bytes):
         raise EnvelopeError("malformed", "protected header must be a byte string")
-    if protected_raw:
-        try:
-            protected = cbor.decode(protected_raw)
-        except cbor.CborError as exc:
-            raise EnvelopeError("malformed", f"protected header: {exc}") from None
-        protected = _header_map(protected, "protected")
-    else:
-        protected = {}
+    protected = _protected_header(protected_raw)
     unprotected = _header_map(unprotected, "unprotected")
     if payload is None:
         raise EnvelopeError("malformed", "detached payloads are not supported: the payload must be in the envelope")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -456,16 +456,20 @@ class Event:
         }
         return {**common, **self.fields}
 
-    def codes(self) -> Iterator[tuple[str, str]]:
+    def codes(self) -> tuple[tuple[str, str], ...]:
         """(field path, code) for every battery code the event names."""
-        spec = EVENT_TYPES[self.type]
-        for f in spec.fields:
+        return self._codes
+
+    @functools.cached_property
+    def _codes(self) -> tuple[tuple[str, str], ...]:
+        found = []
+        for f in EVENT_TYPES[self.type].fields:
             value = self.fields.get(f.name)
             if f.kind is Kind.CODE and isinstance(value, str):
-                yield f.name, value
+                found.append((f.name, value))
             elif f.kind is Kind.CODES and isinstance(value, list):
-                for i, code in enumerate(value):
-                    yield f"{f.name}[{i}]", code
+                found.extend((f"{f.name}[{i}]", code) for i, code in enumerate(value))
+        return tuple(found)
 
     def to_json(self) -> dict[str, Any]:
         m = self.to_map()

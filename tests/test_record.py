@@ -3,8 +3,6 @@ queries, audit and export."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from server.audit import audit_chain
@@ -166,4 +164,4 @@ def test_export_window_by_arrival_or_event_time(world):
     assert [r[2] for r in by_arrival] == [1]
     by_time = list(world.store.export(T0 / 1000, (T0 + DAY) / 1000, by_time=True))
     assert [r[2] for r in by_time] == [1]
-    assert json.loads(by_time[0][7])["code"] == PACK
+    assert by_time[0][7]["code"] == PACK

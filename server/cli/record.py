@@ -191,7 +191,7 @@ EXPORT_COLUMNS = ("device", "kid", "seq", "type", "vin", "time", "received", "fi
 
 
 def _export_row(row: tuple) -> dict[str, Any]:
-    device, kid, seq, etype, vin, time_ms, received, body, digest, envelope = row
+    device, kid, seq, etype, vin, time_ms, received, fields, digest, envelope = row
     return {
         "device": device,
         "kid": kid.hex(),
@@ -200,7 +200,7 @@ def _export_row(row: tuple) -> dict[str, Any]:
         "vin": vin,
         "time": iso_ms(time_ms).replace(" ", "T") + "Z",
         "received": iso(received).replace(" ", "T") + "Z",
-        "fields": json.loads(body),
+        "fields": fields,
         "hash": digest.hex(),
         "envelope": base64.b64encode(envelope).decode(),
     }

@@ -107,6 +107,6 @@ class Store:
             return queries.rejects(tx, reason, since, limit)
 
     def export(self, since: float, until: float, by_time: bool = False) -> Iterator[tuple]:
-        """Rows (device, kid, seq, type, vin, time_ms, received_at, body, hash, envelope), streamed."""
+        """Rows (device, kid, seq, type, vin, time_ms, received_at, fields, hash, envelope), streamed."""
         with self.db.reading() as tx:
             yield from queries.export_rows(tx, since, until, by_time)

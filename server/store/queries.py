@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from protocol import cbor, envelope
+from protocol.events import COMMON_FIELDS
 from server.store.db import Tx
+
+
+def event_fields(raw: bytes) -> dict[str, Any]:
+    """The type-specific fields of a stored event, read from its envelope (validated at intake)."""
+    payload = cbor.decode(envelope.decode(raw, max_size=len(raw)).payload)
+    return {k: v for k, v in payload.items() if k not in COMMON_FIELDS}
 
 
 def counts(tx: Tx) -> dict[str, Any]:
@@ -50,7 +58,7 @@ def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> 
 
 def event_rows(tx: Tx, where: str, params: list[Any], order: str = "e.device_time_ms, e.received_at") -> list[dict]:
     rows = tx.all(
-        "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.body, e.hash "
+        "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash "
         f"FROM events e WHERE {where} ORDER BY {order}",
         params,
     )
@@ -63,7 +71,7 @@ def event_rows(tx: Tx, where: str, params: list[Any], order: str = "e.device_tim
             "vin": r[4],
             "time_ms": r[5],
             "received_at": r[6],
-            "fields": json.loads(r[7]),
+            "fields": event_fields(r[7]),
             "hash": r[8].hex(),
         }
         for r in rows
@@ -230,9 +238,10 @@ def export_rows(tx: Tx, since: float, until: float, by_time: bool) -> Any:
     """Events in a window (of arrival, or of event time), oldest first, with their envelopes."""
     column, scale = ("e.device_time_ms", 1000) if by_time else ("e.received_at", 1)
     cursor = tx.execute(
-        "SELECT e.device, e.kid, e.seq, e.type, e.vin, e.device_time_ms, e.received_at, e.body, e.hash, e.envelope "
+        "SELECT e.device, e.kid, e.seq, e.type, e.vin, e.device_time_ms, e.received_at, e.hash, e.envelope "
         f"FROM events e WHERE {column} >= ? AND {column} < ? ORDER BY {column}, e.kid, e.seq",
         (since * scale, until * scale),
     )
     for r in cursor:
-        yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+        row = tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+        yield (*row[:7], event_fields(row[8]), *row[7:])

@@ -19,6 +19,7 @@ from server import rules
 from server.records import Accepted, Rejected
 from server.rules import EventFacts, Finding
 from server.store.db import Tx
+from server.store.queries import event_fields
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,8 @@ def commit(
 
 def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     tx.executemany(
-        "INSERT INTO events (kid, seq, device, type, vin, device_time_ms, received_at, hash, prev, body, envelope) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO events (kid, seq, device, type, vin, device_time_ms, received_at, hash, prev, envelope) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 i.kid,
@@ -109,7 +110,6 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
                 at,
                 i.envelope.hash,
                 i.event.prev,
-                json.dumps(i.event.fields, sort_keys=True, separators=(",", ":")),
                 i.envelope.raw,
             )
             for i in items
@@ -218,7 +218,7 @@ def _derive(tx: Tx, new: list[Accepted], at: float, settings: RuleSettings) -> l
     return out
 
 
-_FACT_COLUMNS = "e.kid, e.seq, e.device, e.type, e.device_time_ms, e.received_at, e.body"
+_FACT_COLUMNS = "e.kid, e.seq, e.device, e.type, e.device_time_ms, e.received_at, e.envelope"
 # Both lookups go through an index: event_codes by code, events by VIN.
 _BATTERY_LIFECYCLE = (
     f"SELECT DISTINCT {_FACT_COLUMNS} FROM event_codes c JOIN events e ON e.kid = c.kid AND e.seq = c.seq "
@@ -228,7 +228,7 @@ _VEHICLE_LIFECYCLE = f"SELECT {_FACT_COLUMNS} FROM events e WHERE e.vin = ? AND 
 
 
 def _lifecycle_facts(tx: Tx, sql: str, value: str) -> list[EventFacts]:
-    return [EventFacts(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in tx.all(sql, (value,))]
+    return [EventFacts(r[0], r[1], r[2], r[3], r[4], r[5], event_fields(r[6])) for r in tx.all(sql, (value,))]
 
 
 def _battery(tx: Tx, code: str, latest: EventFacts, replay: bool, at: float, settings: RuleSettings) -> list[Finding]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: registry, append-only events, chains, quarantine. ``envelope`` is the evidence, exactly as
-    # received; ``body`` is a JSON copy of the event's type fields, for queries and exports only.
+    # received; queries read an event's fields from it rather than from a copy.
     """
     CREATE TABLE devices (
         device TEXT PRIMARY KEY,
@@ -39,7 +39,6 @@ MIGRATIONS: tuple[str, ...] = (
         received_at {real} NOT NULL,
         hash {blob} NOT NULL,
         prev {blob} NOT NULL,
-        body TEXT NOT NULL,
         envelope {blob} NOT NULL,
         PRIMARY KEY (kid, seq)
     );
