@@ -143,10 +143,15 @@ class Collector:
             t.start()
         while not (stop.is_set() and self.verified.empty()):
             try:
-                item = self.verified.get(timeout=0.2)
+                items = [self.verified.get(timeout=0.2)]
             except queue.Empty:
-                item = None
-            if item is not None and not self.commit(item, stop):
+                items = []
+            while True:  # whatever else is verified already goes into the same transaction
+                try:
+                    items.append(self.verified.get_nowait())
+                except queue.Empty:
+                    break
+            if items and not self.commit(_merge(items), stop):
                 break
             if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
                 self._sweep()
@@ -248,3 +253,15 @@ class Collector:
             self._last_sweep = time.monotonic()
         except StoreUnavailable as exc:
             log.warning("sweep postponed: %s", exc)
+
+
+def _merge(items: list[Verified]) -> Verified:
+    """Verified batches committed as one: a commit has a fixed cost, so a backlog shares it."""
+    if len(items) == 1:
+        return items[0]
+    return Verified(
+        [m for i in items for m in i.batch],
+        [a for i in items for a in i.accepted],
+        [r for i in items for r in i.rejected],
+        items[-1].received_at,
+    )
