@@ -10,7 +10,6 @@ replays see every event.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,56 +42,83 @@ def _facts(item: Accepted, at: float) -> EventFacts:
     return EventFacts(item.kid, ev.seq, ev.device, ev.type, ev.time_ms, at, dict(ev.fields))
 
 
-def _lock_chain(tx: Tx, kid: bytes, device: str, at: float) -> int:
-    tx.execute(
-        "INSERT INTO chains (kid, device, watermark, max_seq, last_received_at) VALUES (?, ?, 0, 0, ?) "
-        "ON CONFLICT (kid) DO NOTHING",
-        (kid, device, at),
-    )
-    return tx.value(f"SELECT watermark FROM chains WHERE kid = ?{tx.dialect.for_update}", (kid,))
+# A batch costs a fixed number of statements, however many devices and batteries it touches: rows are
+# looked up and locked in sets. Lists go in chunks well under every backend's parameter limit.
+_CHUNK = 500
+
+
+def _chunks(items: list, size: int = _CHUNK) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _in(tx: Tx, sql: str, values: list, suffix: str = "") -> list[tuple]:
+    """``sql`` with ``IN ({marks})`` filled for each chunk of ``values``; rows of all chunks."""
+    rows: list[tuple] = []
+    for chunk in _chunks(values):
+        rows.extend(tx.all(sql.format(marks=",".join("?" * len(chunk))) + suffix, chunk))
+    return rows
+
+
+def _pairs(tx: Tx, columns: str, pairs: Iterable[tuple[bytes, int]]) -> list[tuple]:
+    """Rows of ``events`` for the given (kid, seq) pairs, with ``columns`` after kid and seq."""
+    rows: list[tuple] = []
+    for chunk in _chunks(sorted(set(pairs))):
+        values = ",".join("(?, ?)" for _ in chunk)
+        rows.extend(
+            tx.all(
+                f"WITH wanted (kid, seq) AS (VALUES {values}) SELECT e.kid, e.seq, {columns} FROM events e "
+                "JOIN wanted w ON e.kid = w.kid AND e.seq = w.seq",
+                [v for pair in chunk for v in pair],
+            )
+        )
+    return rows
 
 
 def commit(
     tx: Tx, accepted: Iterable[Accepted], rejected: Iterable[Rejected], at: float, settings: RuleSettings
 ) -> CommitResult:
-    by_kid: dict[bytes, list[Accepted]] = defaultdict(list)
-    for item in accepted:
-        by_kid[item.kid].append(item)
-    new: list[Accepted] = []
+    items = list(accepted)
+    devices = {i.kid: i.event.device for i in items}
+    kids = sorted(devices)
+    findings: list[Finding] = []
     reused: list[Rejected] = []
     duplicates = 0
-    findings: list[Finding] = []
+    fresh: dict[tuple[bytes, int], Accepted] = {}
     watermarks: dict[bytes, tuple[str, int]] = {}
-    for kid in sorted(by_kid):
-        items = by_kid[kid]
-        device = items[0].event.device
-        watermark = _lock_chain(tx, kid, device, at)
-        seqs = sorted({i.event.seq for i in items})
-        marks = ",".join("?" * len(seqs))
-        stored = dict(tx.all(f"SELECT seq, hash FROM events WHERE kid = ? AND seq IN ({marks})", (kid, *seqs)))
-        fresh: dict[int, Accepted] = {}
+    if kids:
+        tx.executemany(
+            "INSERT INTO chains (kid, device, watermark, max_seq, last_received_at) VALUES (?, ?, 0, 0, ?) "
+            "ON CONFLICT (kid) DO NOTHING",
+            [(kid, devices[kid], at) for kid in kids],
+        )
+        locked = _in(
+            tx, "SELECT kid, watermark, max_seq FROM chains WHERE kid IN ({marks})", kids,
+            f" ORDER BY kid{tx.dialect.for_update}",
+        )  # fmt: skip
+        chains = {r[0]: (r[1], r[2]) for r in locked}
+        stored = {(r[0], r[1]): r[2] for r in _pairs(tx, "e.hash", [(i.kid, i.event.seq) for i in items])}
         for item in items:
-            seq = item.event.seq
-            known = stored.get(seq) or (fresh[seq].envelope.hash if seq in fresh else None)
+            key = (item.kid, item.event.seq)
+            known = stored.get(key) or (fresh[key].envelope.hash if key in fresh else None)
             if known is None:
-                fresh[seq] = item
+                fresh[key] = item
             elif known == item.envelope.hash:
                 duplicates += 1  # the same envelope again (at-least-once delivery): acknowledged, not stored
             else:
                 # Signed by the device, but a second, different event under a used sequence number: the
                 # first one stays the record; this one is kept in quarantine and the fork is a finding.
+                kid, seq = key
                 detail = f"seq {seq} of key {kid.hex()} is already stored with other content"
                 reused.append(Rejected(item.topic, item.envelope.raw, "sequence_reused", detail))
-                findings.append(Finding("chain_break", f"device:{device}", (kid, seq), f"seq {seq} signed twice"))
+                findings.append(Finding("chain_break", f"device:{devices[kid]}", key, f"seq {seq} signed twice"))
         _insert_events(tx, list(fresh.values()), at)
-        new.extend(fresh.values())
-        findings.extend(_chain_links(tx, kid, device, fresh))
-        watermarks[kid] = (device, _advance(tx, kid, watermark, at))
-
+        findings.extend(_chain_links(tx, fresh))
+        watermarks = _advance(tx, chains, devices, fresh, at)
     quarantined = _quarantine(tx, [*rejected, *reused], at)
-    findings.extend(_derive(tx, new, at, settings))
+    findings.extend(_derive(tx, list(fresh.values()), at, settings))
     raised = _raise(tx, findings, at)
-    return CommitResult(len(new), duplicates, quarantined, watermarks, raised)
+    return CommitResult(len(fresh), duplicates, quarantined, watermarks, raised)
 
 
 def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
@@ -134,43 +160,58 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     )
 
 
-def _chain_links(tx: Tx, kid: bytes, device: str, fresh: Mapping[int, Accepted]) -> list[Finding]:
+def _chain_links(tx: Tx, fresh: Mapping[tuple[bytes, int], Accepted]) -> list[Finding]:
     """A new event must link to the stored one before it, and the stored one after it to the new one."""
+    neighbours = {(k, s + d) for k, s in fresh for d in (-1, 1) if s + d >= 1 and (k, s + d) not in fresh}
+    around = {(r[0], r[1]): (r[2], r[3]) for r in _pairs(tx, "e.hash, e.prev", neighbours)}
     out = []
-    subject = f"device:{device}"
-    for seq, item in sorted(fresh.items()):
+    for (kid, seq), item in sorted(fresh.items()):
+        subject = f"device:{item.event.device}"
         if seq > 1:
-            before = fresh[seq - 1].envelope.hash if seq - 1 in fresh else None
-            if before is None:
-                before = tx.value("SELECT hash FROM events WHERE kid = ? AND seq = ?", (kid, seq - 1))
+            before = fresh[(kid, seq - 1)].envelope.hash if (kid, seq - 1) in fresh else None
+            before = before or around.get((kid, seq - 1), (None, None))[0]
             if before is not None and before != item.event.prev:
                 out.append(Finding("chain_break", subject, (kid, seq), f"seq {seq} does not link to seq {seq - 1}"))
         elif item.event.prev != ZERO_HASH:  # the schema already refuses this; kept as the chain's own rule
             out.append(Finding("chain_break", subject, (kid, seq), "seq 1 must have an all-zero prev"))
-        if seq + 1 not in fresh:
-            after = tx.value("SELECT prev FROM events WHERE kid = ? AND seq = ?", (kid, seq + 1))
-            if after is not None and after != item.envelope.hash:
-                out.append(Finding("chain_break", subject, (kid, seq + 1), f"seq {seq + 1} does not link to seq {seq}"))
+        after = around.get((kid, seq + 1))
+        if after is not None and after[1] != item.envelope.hash:
+            out.append(Finding("chain_break", subject, (kid, seq + 1), f"seq {seq + 1} does not link to seq {seq}"))
     return out
 
 
-def _advance(tx: Tx, kid: bytes, watermark: int, at: float) -> int:
-    """Move the watermark over every contiguous stored sequence number after it."""
-    for (seq,) in tx.all("SELECT seq FROM events WHERE kid = ? AND seq > ? ORDER BY seq", (kid, watermark)):
-        if seq != watermark + 1:
-            break
-        watermark = seq
-    tx.execute(
-        "UPDATE chains SET watermark = ?, max_seq = (SELECT MAX(seq) FROM events WHERE kid = ?), "
-        "last_received_at = ? WHERE kid = ?",
-        (watermark, kid, at, kid),
+def _advance(
+    tx: Tx,
+    chains: Mapping[bytes, tuple[int, int]],
+    devices: Mapping[bytes, str],
+    fresh: Mapping[tuple[bytes, int], Accepted],
+    at: float,
+) -> dict[bytes, tuple[str, int]]:
+    """Move each touched chain's watermark over every contiguous stored sequence number after it."""
+    marks = {kid: wm for kid, (wm, _) in chains.items()}
+    for chunk in _chunks(sorted(chains)):
+        values = ",".join("(?, ?)" for _ in chunk)
+        following = tx.all(
+            f"WITH w (kid, wm) AS (VALUES {values}) SELECT e.kid, e.seq FROM events e JOIN w ON e.kid = w.kid "
+            "AND e.seq > w.wm ORDER BY e.kid, e.seq",
+            [v for kid in chunk for v in (kid, chains[kid][0])],
+        )
+        for kid, seq in following:
+            if seq == marks[kid] + 1:
+                marks[kid] = seq
+    highest = {kid: top for kid, (_, top) in chains.items()}
+    for kid, seq in fresh:
+        highest[kid] = max(highest[kid], seq)
+    tx.executemany(
+        "UPDATE chains SET watermark = ?, max_seq = ?, last_received_at = ? WHERE kid = ?",
+        [(marks[kid], highest[kid], at, kid) for kid in sorted(chains)],
     )
-    tx.execute(  # a hole that is now filled is no longer a gap
+    tx.executemany(  # a hole that is now filled is no longer a gap
         "UPDATE findings SET resolved_at = ? WHERE kind = 'sequence_gap' AND ref_kid = ? AND ref_seq <= ? "
         "AND resolved_at IS NULL",
-        (at, kid, watermark),
+        [(at, kid, marks[kid]) for kid in sorted(chains)],
     )
-    return watermark
+    return {kid: (devices[kid], marks[kid]) for kid in chains}
 
 
 def _quarantine(tx: Tx, rejected: Iterable[Rejected], at: float) -> int:
@@ -211,8 +252,8 @@ def _derive(tx: Tx, new: list[Accepted], at: float, settings: RuleSettings) -> l
                 seen_codes[code] = facts
         if "vin" in item.event.fields:
             vins.add(item.event.fields["vin"])
-    for code in sorted(seen_codes):
-        out.extend(_battery(tx, code, seen_codes[code], code in lifecycle_codes, at, settings))
+    if seen_codes:
+        out.extend(_batteries(tx, seen_codes, lifecycle_codes, at))
     for vin in sorted(vins):
         _vehicle(tx, vin, at)
     return out
@@ -231,36 +272,45 @@ def _lifecycle_facts(tx: Tx, sql: str, value: str) -> list[EventFacts]:
     return [EventFacts(r[0], r[1], r[2], r[3], r[4], r[5], event_fields(r[6])) for r in tx.all(sql, (value,))]
 
 
-def _battery(tx: Tx, code: str, latest: EventFacts, replay: bool, at: float, settings: RuleSettings) -> list[Finding]:
-    tx.execute(
+def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at: float) -> list[Finding]:
+    """Keep each named battery's row current: replay the ones a lifecycle event touched, touch the rest."""
+    codes = sorted(latest)
+    tx.executemany(
         "INSERT INTO batteries (code, state, last_event_ms, last_received_at) VALUES (?, 'unknown', ?, ?) "
         "ON CONFLICT (code) DO NOTHING",
-        (code, latest.time_ms, at),
+        [(code, latest[code].time_ms, at) for code in codes],
     )
-    row = tx.one(f"SELECT state, final_ms, last_event_ms FROM batteries WHERE code = ?{tx.dialect.for_update}", (code,))
-    assert row is not None
-    state, final_ms, last_event_ms = row
+    rows = _in(
+        tx, "SELECT code, state, final_ms, last_event_ms FROM batteries WHERE code IN ({marks})", codes,
+        f" ORDER BY code{tx.dialect.for_update}",
+    )  # fmt: skip
     out: list[Finding] = []
-    if replay:
-        s, found = rules.replay_battery(code, _lifecycle_facts(tx, _BATTERY_LIFECYCLE, code))
-        s.last_event_ms = max(s.last_event_ms, last_event_ms, latest.time_ms)
-        tx.execute(
-            "UPDATE batteries SET state = ?, vin = ?, place = ?, out_of_service_ms = ?, final_ms = ?, "
-            "last_event_ms = ?, last_received_at = ? WHERE code = ?",
-            (s.state, s.vin, s.place, s.out_of_service_ms, s.final_ms, s.last_event_ms, at, code),
-        )
-        _reconcile(tx, rules.battery(code), rules.REPLAYED_BATTERY_KINDS, found, at)
-        state, final_ms = s.state, s.final_ms
-    else:
-        tx.execute(
-            "UPDATE batteries SET last_event_ms = ?, last_received_at = ? WHERE code = ?",
-            (max(last_event_ms, latest.time_ms), at, code),
-        )
-    if state == "recycled" and final_ms is not None:
-        later = tx.all("SELECT kid, seq, type FROM event_codes WHERE code = ? AND device_time_ms > ?", (code, final_ms))
-        out.extend(rules.after_end_of_life(code, final_ms, later))
-    # Any new event accounts for the battery again; the sweep raises "unaccounted" when time passes.
-    _reconcile(tx, rules.battery(code), ("unaccounted",), [], at)
+    touched = []
+    for code, state, final_ms, last_event_ms in rows:
+        newest = max(last_event_ms, latest[code].time_ms)
+        if code in lifecycle:
+            s, found = rules.replay_battery(code, _lifecycle_facts(tx, _BATTERY_LIFECYCLE, code))
+            tx.execute(
+                "UPDATE batteries SET state = ?, vin = ?, place = ?, out_of_service_ms = ?, final_ms = ?, "
+                "last_event_ms = ?, last_received_at = ? WHERE code = ?",
+                (s.state, s.vin, s.place, s.out_of_service_ms, s.final_ms, max(newest, s.last_event_ms), at, code),
+            )
+            _reconcile(tx, rules.battery(code), rules.REPLAYED_BATTERY_KINDS, found, at)
+            state, final_ms = s.state, s.final_ms
+        else:
+            touched.append((newest, at, code))
+        if state == "recycled" and final_ms is not None:
+            later = tx.all(
+                "SELECT kid, seq, type FROM event_codes WHERE code = ? AND device_time_ms > ?", (code, final_ms)
+            )
+            out.extend(rules.after_end_of_life(code, final_ms, later))
+    tx.executemany("UPDATE batteries SET last_event_ms = ?, last_received_at = ? WHERE code = ?", touched)
+    # Any new event accounts for a battery again; the sweep raises "unaccounted" when time passes.
+    stale = _in(
+        tx, "SELECT id FROM findings WHERE kind = 'unaccounted' AND resolved_at IS NULL AND subject IN ({marks})",
+        [rules.battery(code) for code in codes],
+    )  # fmt: skip
+    tx.executemany("UPDATE findings SET resolved_at = ? WHERE id = ?", [(at, r[0]) for r in stale])
     return out
 
 
