@@ -20,6 +20,7 @@ examples:
   battery-agent pubkey --key /var/lib/battery-agent/device.key --pem
   battery-agent code 0RJPEA00HAU0AAG1C3000123
   scanner-output | battery-agent code -
+  battery-agent decode --protocol gbt27930 charge-session.log
   battery-agent run -c /etc/battery-agent/agent.toml
 """
 
@@ -94,6 +95,27 @@ def _code(args: argparse.Namespace) -> int:
     return status
 
 
+def _decode(args: argparse.Namespace) -> int:
+    from agent import offline_decode
+    from agent.decoders.dbc import DbcError
+
+    if args.protocol == "dbc" and not args.dbc:
+        print("error: --protocol dbc needs --dbc FILE", file=sys.stderr)
+        return USAGE
+    source = args.file
+    if source != "-" and not Path(source).is_file():
+        print(f"error: cannot read {source}: no such file", file=sys.stderr)
+        return USAGE
+    try:
+        printer = offline_decode.run(
+            args.protocol, source, Path(args.dbc) if args.dbc else None, sys.stdout, sys.stderr
+        )
+    except (DbcError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
+    return OK if printer.decoded or not printer.dropped else INVALID
+
+
 def _run(args: argparse.Namespace) -> int:
     from agent import app, config  # the runtime's dependencies are only needed to run
 
@@ -154,6 +176,24 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("codes", nargs="+", metavar="CODE", help="codes to check, or - to read one per line from stdin")
     c.add_argument("--pretty", action="store_true", help="indent the JSON")
     c.set_defaults(func=_code)
+
+    d = sub.add_parser(
+        "decode",
+        help="decode recorded CAN or serial traffic offline",
+        description="Decode a capture with the agent's own decoders and print one JSON object per decoded "
+        "message (fields in SI units: V, A, Ah, kWh, °C, %%). CAN input: any log python-can reads (candump .log, "
+        "ASC, BLF, CSV, TRC) or lines ID#DATA as candump prints them. Serial input: hex text of the byte "
+        "stream (whitespace and line breaks ignored). Malformed input is reported on stderr and skipped. Exit 0 "
+        "when something was decoded, 1 when nothing could be, 2 on usage errors.",
+        epilog="examples:\n  battery-agent decode --protocol gbt27930 charge-session.log\n"
+        "  candump -L can0 | battery-agent decode --protocol dbc --dbc configs/vendor-pack.dbc -\n"
+        "  battery-agent decode --protocol jbd uart-capture.hex",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--protocol", required=True, choices=("gbt27930", "dbc", "jbd", "daly"))
+    d.add_argument("--dbc", help="the DBC file (for --protocol dbc)")
+    d.add_argument("file", nargs="?", default="-", help="the capture (default: stdin)")
+    d.set_defaults(func=_decode)
 
     r = sub.add_parser(
         "run",

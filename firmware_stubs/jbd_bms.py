@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import select
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from firmware_stubs.pty_link import PtyLink
+from firmware_stubs.serial_stub import Faults, SerialStub
 
 
 @dataclass
@@ -34,15 +32,6 @@ class PackState:
     temps_c: list[float] = field(default_factory=lambda: [24.5, 25.1])
     protection: int = 0
     model: str = "JBD-SP16S020-L16S-100A"
-
-
-@dataclass
-class Faults:
-    noise: float = 0.0  # probability of garbage bytes before an answer
-    bit_flip: float = 0.0  # probability of one flipped bit in an answer
-    truncate: float = 0.0  # probability of an answer cut short
-    bad_checksum: float = 0.0  # probability of a wrong checksum
-    silent: float = 0.0  # probability of not answering at all
 
 
 def _sum16(data: bytes) -> bytes:
@@ -81,17 +70,23 @@ def cells_payload(p: PackState) -> bytes:
     return b"".join(struct.pack(">H", mv) for mv in p.cells_mv)
 
 
-class JbdBms:
-    """Answers requests arriving on ``link``'s master side until stopped."""
+class JbdBms(SerialStub):
+    """Answers JBD read requests (``DD A5 reg 00 chk chk 77``) arriving on the link."""
 
     def __init__(self, link: PtyLink, state: PackState | None = None, faults: Faults | None = None, seed: int = 1):
-        self.link = link
+        super().__init__(link, faults, seed)
         self.state = state or PackState()
-        self.faults = faults or Faults()
-        self.rng = random.Random(seed)
-        self.requests = 0
-        self._stop = threading.Event()
-        self._buf = bytearray()
+
+    def parse_request(self, buf: bytearray) -> tuple[int | None, int]:
+        start = buf.find(b"\xdd\xa5")
+        if start < 0:
+            return None, max(0, len(buf) - 1)
+        if len(buf) - start < 7:
+            return None, start
+        req = bytes(buf[start : start + 7])
+        if req[3] == 0 and req[6] == 0x77 and _sum16(req[2:4]) == req[4:6]:
+            return req[2], start + 7
+        return None, start + 1
 
     def answer(self, register: int) -> bytes:
         payloads = {
@@ -100,71 +95,8 @@ class JbdBms:
             0x05: lambda: self.state.model.encode("ascii"),
         }
         if register not in payloads:
-            return response(register, b"", status=0x80)
-        return response(register, payloads[register]())
-
-    def _faulty(self, frame: bytes) -> bytes:
-        f, rng = self.faults, self.rng
-        if rng.random() < f.silent:
-            return b""
-        out = bytearray(frame)
-        if rng.random() < f.bad_checksum:
-            out[-2] ^= 0x5A
-        if rng.random() < f.bit_flip:
-            i = rng.randrange(len(out))
-            out[i] ^= 1 << rng.randrange(8)
-        if rng.random() < f.truncate:
-            out = out[: rng.randrange(1, len(out))]
-        if rng.random() < f.noise:
-            out[:0] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 12)))
-        return bytes(out)
-
-    def _requests(self) -> list[int]:
-        """Complete, well-formed read requests in the buffer: DD A5 reg 00 chk chk 77."""
-        registers = []
-        while True:
-            start = self._buf.find(b"\xdd\xa5")
-            if start < 0:
-                del self._buf[:-1]
-                return registers
-            del self._buf[:start]
-            if len(self._buf) < 7:
-                return registers
-            frame = bytes(self._buf[:7])
-            if frame[3] == 0 and frame[6] == 0x77 and _sum16(frame[2:4]) == frame[4:6]:
-                registers.append(frame[2])
-                del self._buf[:7]
-            else:
-                del self._buf[:1]
-
-    def serve(self) -> None:
-        while not self._stop.is_set():
-            fd = self.link.master
-            if fd is None:
-                self._stop.wait(0.05)
-                continue
-            try:
-                ready, _, _ = select.select([fd], [], [], 0.05)
-                if not ready:
-                    continue
-                self._buf += os.read(fd, 256)
-            except OSError:  # unplugged while waiting, or nobody has the port open
-                self._stop.wait(0.05)
-                continue
-            for register in self._requests():
-                self.requests += 1
-                try:
-                    os.write(fd, self._faulty(self.answer(register)))
-                except OSError:
-                    break
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve, name="jbd-bms", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
+            return self.faulty(response(register, b"", status=0x80))
+        return self.faulty(response(register, payloads[register]()))
 
 
 def main() -> None:

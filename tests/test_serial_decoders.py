@@ -1,0 +1,108 @@
+"""Daly frames and code-label scanner lines: reference examples, multi-frame answers, resync, arbitrary bytes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.decoders import daly, scanner
+from agent.readings import DecodeError, Health, Identity
+from firmware_stubs import daly_bms
+
+EXAMPLE_ANSWER = bytes.fromhex("A5 01 90 08 02 FC 00 00 75 A1 00 00 52".replace(" ", ""))
+
+
+def frames(data: bytes) -> list:
+    return [f for f in daly.FrameReader().feed(data) if isinstance(f, daly.Frame)]
+
+
+def test_reference_request_and_answer():
+    assert daly.request(daly.PACK).hex() == "a540900800000000000000007d"
+    (frame,) = frames(EXAMPLE_ANSWER)
+    assert daly.decode_frame(frame) == {"voltage_v": 76.4, "acquisition_voltage_v": 0.0, "current_a": 11.3,
+                                        "soc_pct": 0.0}  # fmt: skip
+    assert daly.decode_frame(frame, charge_positive=False)["current_a"] == -11.3
+
+
+def test_every_command_of_the_stub_decodes_to_its_state():
+    pack = daly_bms.DalyPack(cells_mv=[3301, 3305, 3299, 3310, 3300], temps_c=[21, 23], cycles=42)
+    single = {c: daly.decode_frame(frames(daly_bms.answers(c, pack)[0])[0]) for c in (0x91, 0x92, 0x93, 0x94)}
+    assert single[0x91] == {"max_cell_voltage_v": 3.31, "max_cell": 4, "min_cell_voltage_v": 3.299, "min_cell": 3}
+    assert (single[0x92]["max_temperature_c"], single[0x92]["min_temperature_c"]) == (23, 21)
+    assert single[0x93]["remaining_ah"] == 55.0 and single[0x94]["cycles"] == 42
+    cells = [daly.decode_frame(f) for f in frames(b"".join(daly_bms.answers(0x95, pack)))]
+    assert daly.assemble(0x95, cells, expected=2) == {"cells_v": [3.301, 3.305, 3.299, 3.31, 3.3]}
+    temps = [daly.decode_frame(f) for f in frames(b"".join(daly_bms.answers(0x96, pack)))]
+    assert daly.assemble(0x96, temps)["temperatures_c"][:2] == [21, 23]
+    code = [daly.decode_frame(f) for f in frames(b"".join(daly_bms.answers(0x57, pack)))]
+    assembled = daly.assemble(0x57, code)
+    assert assembled == {"code": "0RJPBA00HAU0AAG1C3000777"}
+    (identity,) = daly.readings(0x57, assembled)
+    assert identity == Identity(
+        source="bms", code="0RJPBA00HAU0AAG1C3000777", secondary="daly:0RJPBA00HAU0AAG1C3000777"
+    )
+
+
+def test_missing_parts_of_a_multi_frame_answer_are_named():
+    parts = [daly.decode_frame(f) for f in frames(b"".join(daly_bms.answers(0x95, daly_bms.DalyPack())))]
+    with pytest.raises(DecodeError) as err:
+        daly.assemble(0x95, parts[:1] + parts[2:], expected=len(parts))
+    assert err.value.reason == "missing_frames"
+
+
+def test_stream_resynchronises_and_checks_every_sum():
+    broken = bytearray(EXAMPLE_ANSWER)
+    broken[12] ^= 0xFF
+    out = daly.FrameReader().feed(b"\x00\xa5\x01" + bytes(broken) + EXAMPLE_ANSWER[:7])
+    reader = daly.FrameReader()
+    items = reader.feed(b"\x00\xa5\x01" + bytes(broken) + EXAMPLE_ANSWER[:7]) + reader.feed(EXAMPLE_ANSWER[7:])
+    assert [i for i in items if isinstance(i, daly.Frame)] == frames(EXAMPLE_ANSWER)
+    assert {e.reason for e in items if isinstance(e, DecodeError)} >= {"garbage", "bad_checksum"}
+    assert not [i for i in out if isinstance(i, daly.Frame)]
+
+
+@given(st.lists(st.binary(max_size=40), max_size=8))
+def test_arbitrary_bytes_yield_checked_frames_or_named_errors(chunks):
+    reader = daly.FrameReader()
+    for chunk in chunks:
+        for item in reader.feed(chunk):
+            if isinstance(item, daly.Frame):
+                try:
+                    fields = daly.decode_frame(item)
+                except DecodeError as exc:
+                    assert exc.reason == "unknown_command"
+                else:
+                    assert isinstance(fields, dict)
+            else:
+                assert item.reason in {"garbage", "bad_length", "bad_checksum"}
+
+
+@given(st.sampled_from([0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96, 0x98, 0x57]), st.binary(min_size=8, max_size=8))
+def test_any_checked_frame_of_a_known_command_decodes(command, data):
+    fields = daly.decode_frame(daly.Frame(0x01, command, data))
+    if command not in daly.MULTI_FRAME:
+        assert all(isinstance(r, Health | Identity) for r in daly.readings(command, fields))
+
+
+@pytest.mark.parametrize("ending", [b"\r", b"\n", b"\r\n"])
+def test_scanner_lines_end_with_cr_lf_or_crlf(ending):
+    reader = scanner.LineReader()
+    text = b"0rjpea00hau0aag1c3000123" + ending + b"  0RJPEA00HAU0AAG1C3000124 " + ending
+    half = len(text) // 2
+    got = reader.feed(text[:half]) + reader.feed(text[half:])
+    assert [i.code for i in got] == ["0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"]
+    assert all(i.source == "label" for i in got)
+
+
+def test_scanner_drops_overlong_and_non_ascii_lines():
+    reader = scanner.LineReader()
+    got = reader.feed(b"x" * 300 + b"\n" + "Ä".encode() + b"\n" + b"0RJPEA00HAU0AAG1C3000123\n")
+    assert [g.reason for g in got if isinstance(g, DecodeError)] == ["line_too_long", "not_ascii"]
+    assert got[-1].code == "0RJPEA00HAU0AAG1C3000123"
+
+
+@given(st.binary(max_size=300))
+def test_scanner_survives_arbitrary_bytes(data):
+    for item in scanner.LineReader().feed(data):
+        assert isinstance(item, Identity | DecodeError)
