@@ -10,7 +10,7 @@ from agent import battery_view
 from agent.config import AgentConfig
 from agent.outbox import Outbox
 from agent.sealer import Draft, Sealer
-from agent.sources.serial_poller import SerialPoller
+from agent.sources.serial_port import serial_source
 from agent.uplink import Uplink
 from agent.workflows import gateway
 from protocol import keys
@@ -33,7 +33,7 @@ async def run(config: AgentConfig) -> None:
         uplink.notify()
         return seq
 
-    pollers = [SerialPoller(s.slot, s.serial, view.update) for s in config.slots if s.serial]
+    pollers = [serial_source(s.slot, s.serial, view.update) for s in config.slots if s.serial]
     log.info(
         "agent %s (key %s) starting: %d slots, outbox %s holds %d unreceipted events",
         config.device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.sources.serial_poller import SerialSettings
+from agent.sources.serial_port import SerialSettings
 from agent.uplink import MqttSettings
 from protocol import battery_code, keys
 from protocol.settings import ConfigError, Section, load_toml
