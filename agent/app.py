@@ -1,58 +1,193 @@
-"""Wires the agent's stages together and runs them in one asyncio process."""
+"""Wires the agent's stages together and runs them in one asyncio process.
+
+sources -> (decoders inside them) -> battery view -> workflow -> sealer -> outbox -> uplink, plus the
+local endpoint (/metrics, /healthz, /status, /confirm) and the retained status the uplink publishes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
+from typing import Any
 
-from agent import battery_view
+from agent import metrics
+from agent.battery_view import BatteryView
 from agent.config import AgentConfig
+from agent.control import ControlServer
+from agent.decoders.station import StationCommand, parse
+from agent.identity import Bindings
 from agent.outbox import Outbox
-from agent.sealer import Draft, Sealer
+from agent.readings import DecodeError
+from agent.sealer import Draft, Refused, Sealer
+from agent.sources.can_bus import CanSource
 from agent.sources.serial_port import serial_source
 from agent.uplink import Uplink
-from agent.workflows import gateway
+from agent.workflows.gateway import Gateway
+from agent.workflows.maintenance_rig import MaintenanceRig, RigError
+from agent.workflows.swap_station import SwapStation
 from protocol import keys
 
 log = logging.getLogger(__name__)
 
 
-async def run(config: AgentConfig) -> None:
-    key = keys.load_private(config.key_path)
-    outbox = Outbox(config.outbox_path)
-    sealer = Sealer(outbox, key, config.device)
-    uplink = Uplink(config.mqtt, outbox, config.device, key.public.kid, config.server_key)
-    view = battery_view.BatteryView()
-    for slot in config.slots:
-        if slot.code:
-            view.set_code(slot.slot, slot.code, "label")
+class Agent:
+    """One site's agent: everything it runs, and what it can tell about itself."""
 
-    def seal(draft: Draft) -> int:
-        seq = sealer.seal(draft)
-        uplink.notify()
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.key = keys.load_private(config.key_path)
+        self.outbox = Outbox(config.outbox_path)
+        self.bindings = Bindings(config.outbox_path)
+        self.sealer = Sealer(self.outbox, self.key, config.device, config.role, int(config.outbox_budget_mb * 1e6))
+        self.uplink = Uplink(config.mqtt, self.outbox, config.device, self.key.public.kid, config.server_key)
+        self.uplink.extra_status = self.status_summary
+        self.view = BatteryView(self.bindings, config.absent_after_s)
+        for slot in config.slots:
+            if slot.code:
+                self.view.set_code(slot.slot, slot.code, "label")
+        kind = config.site_kind
+        self.workflow: Gateway | None
+        if kind == "swap_station":
+            self.workflow = SwapStation(self.view, self.seal, config.health_interval_s, config.identity_wait_s)
+        elif kind == "maintenance_rig":
+            self.workflow = MaintenanceRig(self.view, self.seal, config.health_interval_s, _first_slot(config))
+        elif kind == "gateway":
+            self.workflow = Gateway(self.view, self.seal, config.health_interval_s)
+        else:
+            self.workflow = None  # a submitter: events come from `battery-agent emit`
+        self.sources: list[Any] = []
+        for s in config.slots:
+            if s.serial:
+                self.sources.append(serial_source(s.slot, s.serial, self.reading))
+            if s.can:
+                self.sources.append(CanSource(s.slot, s.can, self.reading))
+        for line in config.lines:
+            self.sources.append(serial_source(line.slot, line.serial, self.reading))
+        self.started = time.time()
+        self.decode_errors = 0
+
+    def seal(self, draft: Draft) -> int:
+        seq = self.sealer.seal(draft)
+        self.uplink.notify()
         return seq
 
-    pollers = [serial_source(s.slot, s.serial, view.update) for s in config.slots if s.serial]
-    log.info(
-        "agent %s (key %s) starting: %d slots, outbox %s holds %d unreceipted events",
-        config.device,
-        key.public.kid.hex(),
-        len(config.slots),
-        config.outbox_path,
-        outbox.depth()[0],
-    )
+    def reading(self, slot: int, reading: Any) -> None:
+        if isinstance(reading, StationCommand):
+            if isinstance(self.workflow, SwapStation):
+                self.workflow.command(reading)
+            elif isinstance(self.workflow, MaintenanceRig):
+                with contextlib.suppress(RigError, Refused):  # logged where they happen
+                    self.workflow.command(reading)
+            return
+        self.view.update(slot, reading)
+
+    def confirm(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A technician's confirmation from `battery-agent confirm` (POST /confirm)."""
+        if not isinstance(self.workflow, MaintenanceRig):
+            raise ValueError(f"this agent is a {self.config.site_kind}; confirmations are for maintenance rigs")
+        line = str(request.get("line", ""))
+        command = parse(line) if line.strip() else DecodeError("empty", "no command")
+        if isinstance(command, DecodeError):
+            raise ValueError(str(command))
+        try:
+            seq = self.workflow.command(command)
+        except (RigError, Refused) as exc:
+            raise ValueError(str(exc)) from None
+        return {"sealed": seq}
+
+    def status_summary(self) -> dict[str, Any]:
+        return {"alarm": self.sealer.alarm, "sources_down": sum(not s.connected for s in self.sources)}
+
+    def status(self) -> dict[str, Any]:
+        depth, oldest = self.outbox.depth()
+        return {
+            "device": self.config.device,
+            "site": self.config.site_kind,
+            "uptime_s": round(time.time() - self.started, 1),
+            "outbox": {
+                "depth": depth,
+                "oldest_unreceipted_s": round(time.time() - oldest, 1) if oldest else 0.0,
+                "head_seq": self.outbox.head(self.key.public.kid),
+                "bytes": self.outbox.size_bytes(),
+                "alarm": self.sealer.alarm,
+            },
+            "uplink": {"connected": self.uplink.connected, **self.uplink.counters},
+            "sealer": {"sealed": self.sealer.sealed, "refused": dict(self.sealer.refused)},
+            "slots": {str(n): s.snapshot() for n, s in sorted(self.view.slots.items())},
+            "sources": [
+                {
+                    "slot": s.slot,
+                    "name": s.name,
+                    "connected": s.connected,
+                    "last_frame_at": s.last_frame_at,
+                    "counters": dict(s.counters),
+                }
+                for s in self.sources
+            ],
+            "bindings": dict(self.bindings.counters),
+            "workflow": dict(getattr(self.workflow, "counters", {})),
+        }
+
+    def healthy(self) -> tuple[bool, str]:
+        problems = []
+        if not self.uplink.connected:
+            problems.append("broker not connected")
+        down = [s.name for s in self.sources if not s.connected]
+        if down:
+            problems.append(f"sources down: {', '.join(down)}")
+        if self.sealer.alarm:
+            problems.append(self.sealer.alarm)
+        return (not problems, "; ".join(problems) or "ok")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            self.view.expire(now)
+            if self.workflow is not None:
+                self.workflow.tick(now)
+
+    async def run(self) -> None:
+        log.info(
+            "agent %s (%s, key %s) starting: %d sources, outbox %s holds %d unreceipted events",
+            self.config.device,
+            self.config.site_kind,
+            self.key.public.kid.hex(),
+            len(self.sources),
+            self.config.outbox_path,
+            self.outbox.depth()[0],
+        )
+        control = None
+        if self.config.control:
+            host, port = self.config.control
+            control = ControlServer(host, port, lambda: metrics.render(self), self.status, self.healthy, self.confirm)
+            await control.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.uplink.run(self.config.status_interval_s))
+                group.create_task(self._tick())
+                for source in self.sources:
+                    group.create_task(source.run())
+        finally:
+            if control:
+                await control.close()
+            log.info("stopping; %d sealed events wait in the outbox", self.outbox.depth()[0])
+            self.outbox.close()
+            self.bindings.close()
+
+
+def _first_slot(config: AgentConfig) -> int:
+    return config.slots[0].slot if config.slots else 1
+
+
+async def run(config: AgentConfig) -> None:
+    agent = Agent(config)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
-    try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(uplink.run())
-            group.create_task(gateway.run(view, seal, config.health_interval_s))
-            for poller in pollers:
-                group.create_task(poller.run())
-    except asyncio.CancelledError:
-        log.info("stopping; %d sealed events wait in the outbox", outbox.depth()[0])
-    finally:
-        outbox.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await agent.run()

@@ -120,8 +120,14 @@ def decode_gbt27930(frames: Iterable[CanFrame], printer: Printer) -> None:
                 continue
             if decoded is None:
                 name = gbt27930.CHARGER_PGNS[item.pgn]
-                printer.message({"message": name, "source": f"0x{item.source:02x}", "time": round(item.timestamp, 6),
-                                 "data": item.data.hex()})  # fmt: skip
+                printer.message(
+                    {
+                        "message": name,
+                        "source": f"0x{item.source:02x}",
+                        "time": round(item.timestamp, 6),
+                        "data": item.data.hex(),
+                    }
+                )
             else:
                 printer.message(decoded.to_json())
     for problem in tp.flush():

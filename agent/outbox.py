@@ -104,3 +104,9 @@ class Outbox:
         """(unreceipted events, sealing time of the oldest one)."""
         count, oldest = self._db.execute("SELECT COUNT(*), MIN(sealed_at) FROM outbox").fetchone()
         return count, oldest
+
+    def size_bytes(self) -> int:
+        """What the outbox takes on disk: the database and its write-ahead log."""
+        pages, page_size = (self._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "page_size"))
+        wal = self.path.with_name(self.path.name + "-wal")
+        return pages * page_size + (wal.stat().st_size if wal.exists() else 0)

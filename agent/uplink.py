@@ -15,6 +15,7 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +56,16 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
 
 class Uplink:
     def __init__(
-        self, settings: MqttSettings, outbox: Outbox, device: str, device_kid: bytes, server_key: PublicKey
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        device: str,
+        device_kid: bytes,
+        server_key: PublicKey,
+        client_id: str | None = None,
     ) -> None:
         self.settings = settings
+        self.client_id = client_id or f"bt-agent-{device}"  # stable: the broker keeps the session under it
         self.outbox = outbox
         self.device = device
         self.kid = device_kid
@@ -66,6 +74,7 @@ class Uplink:
         self.sent: dict[tuple[bytes, int], float] = {}  # (kid, seq) -> when last published
         self.counters: Counter[str] = Counter()
         self.connected = False
+        self.extra_status: Callable[[], dict[str, Any]] = dict  # what the rest of the agent adds to its status
 
     def notify(self) -> None:
         """Called by the sealer's side after each seal: publish without waiting for the next tick."""
@@ -79,6 +88,7 @@ class Uplink:
                 "backlog": depth,
                 "oldest_unreceipted_s": round(time.time() - oldest, 1) if oldest else 0.0,
                 "time": int(time.time() * 1000),
+                **self.extra_status(),
             }
         ).encode()
 
@@ -92,9 +102,9 @@ class Uplink:
         return aiomqtt.Client(
             s.host,
             s.port,
-            identifier=f"bt-agent-{self.device}",
+            identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            clean_start=s.session_expiry_s == 0,
             properties=connect,
             keepalive=s.keepalive_s,
             will=will,
@@ -104,8 +114,9 @@ class Uplink:
             timeout=10,
         )
 
-    async def run(self) -> None:
+    async def run(self, status_interval_s: float = 30.0) -> None:
         """Stay connected forever: reconnect with capped exponential backoff, counting each attempt."""
+        self.status_interval_s = status_interval_s
         backoff = 0.5
         while True:
             try:
@@ -128,7 +139,11 @@ class Uplink:
         await client.subscribe(topics.topic(self.device, "receipts"), qos=1)
         await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError that run() reconnects on.
-        tasks = {asyncio.create_task(self._receive(client)), asyncio.create_task(self._publish(client))}
+        tasks = {
+            asyncio.create_task(self._receive(client)),
+            asyncio.create_task(self._publish(client)),
+            asyncio.create_task(self._report(client)),
+        }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -144,6 +159,12 @@ class Uplink:
             if not isinstance(payload, bytes | bytearray):
                 continue
             self.handle_receipt(bytes(payload))
+            await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
+
+    async def _report(self, client: aiomqtt.Client) -> None:
+        """Refresh the retained status now and then, so operators see the backlog move."""
+        while True:
+            await asyncio.sleep(getattr(self, "status_interval_s", 30.0))
             await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
 
     def handle_receipt(self, data: bytes) -> int:

@@ -47,9 +47,15 @@ def seal_fleet(
             fields = {
                 "code": f"0RJPEA00HAU0AAG1C{3000000 + i:07d}",
                 "slot": i % 16,
-                "health": {"voltage_v": 352.6, "current_a": -12.5, "soc_pct": 63.5, "cells_v": CELLS,
-                           "temps_c": [31.0, 30.5, 29.0, 30.0], "cycles": 417},
-            }  # fmt: skip
+                "health": {
+                    "voltage_v": 352.6,
+                    "current_a": -12.5,
+                    "soc_pct": 63.5,
+                    "cells_v": CELLS,
+                    "temps_c": [31.0, 30.5, 29.0, 30.0],
+                    "cycles": 417,
+                },
+            }
             ev = events.Event(name, n + 1, prev[name], times[n * len(devices) + i], "health", "label", fields)
             raw = envelope.sign(events.encode(ev), key)
             prev[name] = envelope.envelope_hash(raw)
@@ -77,8 +83,16 @@ class Bench:
         procs = []
         for i in range(n):
             name = f"bench-{self.runs}-{i}"
-            cfg = collectors.write_config(self.workdir / f"{name}.toml", url, self.broker, name, self.server_key,
-                                          batch_ms=50, batch_max=500, receive_max=2000)  # fmt: skip
+            cfg = collectors.write_config(
+                self.workdir / f"{name}.toml",
+                url,
+                self.broker,
+                name,
+                self.server_key,
+                batch_ms=50,
+                batch_max=500,
+                receive_max=2000,
+            )
             log = self.workdir / f"{name}.log"
             procs.append((collectors.start(cfg, log), cfg, log))
         for _, _, log in procs:

@@ -35,8 +35,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default: %(default)s)")
     args = p.parse_args()
     key = keys.generate()
-    ev = events.Event("station-1", 1, events.ZERO_HASH, 1_767_225_600_000, "health", "label",
-                      {"code": CODE, "health": HEALTH, "slot": 3})  # fmt: skip
+    ev = events.Event(
+        "station-1",
+        1,
+        events.ZERO_HASH,
+        1_767_225_600_000,
+        "health",
+        "label",
+        {"code": CODE, "health": HEALTH, "slot": 3},
+    )
     payload = events.encode(ev)
     sealed = envelope.sign(payload, key)
     env = envelope.decode(sealed)

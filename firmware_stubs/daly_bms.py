@@ -39,8 +39,14 @@ def frame(command: int, data: bytes) -> bytes:
 
 def answers(command: int, p: DalyPack) -> list[bytes]:
     if command == 0x90:
-        return [frame(0x90, struct.pack(">HHHH", round(p.voltage_v * 10), 0, 30000 + round(p.current_a * 10),
-                                        round(p.soc_pct * 10)))]  # fmt: skip
+        return [
+            frame(
+                0x90,
+                struct.pack(
+                    ">HHHH", round(p.voltage_v * 10), 0, 30000 + round(p.current_a * 10), round(p.soc_pct * 10)
+                ),
+            )
+        ]
     if command == 0x91:
         hi = max(range(len(p.cells_mv)), key=lambda i: p.cells_mv[i])
         lo = min(range(len(p.cells_mv)), key=lambda i: p.cells_mv[i])

@@ -26,8 +26,15 @@ class VendorPack:
 
 
 def status(p: VendorPack) -> tuple[int, bytes]:
-    return STATUS_ID, struct.pack("<HhBBBB", round(p.voltage_v * 10), round(p.discharge_a * 10), round(p.soc_pct * 2),
-                                  round(p.soh_pct * 2), p.max_temp_c + 40, p.min_temp_c + 40)  # fmt: skip
+    return STATUS_ID, struct.pack(
+        "<HhBBBB",
+        round(p.voltage_v * 10),
+        round(p.discharge_a * 10),
+        round(p.soc_pct * 2),
+        round(p.soh_pct * 2),
+        p.max_temp_c + 40,
+        p.min_temp_c + 40,
+    )
 
 
 def cells(p: VendorPack) -> tuple[int, bytes]:

@@ -14,11 +14,47 @@ import struct
 from dataclasses import dataclass, field
 
 BMS, CHARGER = 0xF4, 0x56
-PGN = {"CHM": 0x2600, "BHM": 0x2700, "CRM": 0x0100, "BRM": 0x0200, "BCP": 0x0600, "CML": 0x0800, "CRO": 0x0900,
-       "BRO": 0x0900, "BCL": 0x1000, "BCS": 0x1100, "CCS": 0x1200, "BSM": 0x1300, "BMV": 0x1500, "BMT": 0x1600,
-       "BST": 0x1900, "BSD": 0x1C00, "BEM": 0x1E00, "TP_CM": 0xEC00, "TP_DT": 0xEB00}  # fmt: skip
-PRIORITY = {"BHM": 6, "BRM": 7, "BCP": 7, "BCL": 6, "BCS": 7, "BSM": 6, "BMV": 7, "BMT": 7, "BST": 4, "BSD": 6,
-            "BEM": 2, "CHM": 6, "CRM": 6, "CML": 6, "CRO": 4, "CCS": 6, "TP_CM": 7, "TP_DT": 7}  # fmt: skip
+PGN = {
+    "CHM": 0x2600,
+    "BHM": 0x2700,
+    "CRM": 0x0100,
+    "BRM": 0x0200,
+    "BCP": 0x0600,
+    "CML": 0x0800,
+    "CRO": 0x0900,
+    "BRO": 0x0900,
+    "BCL": 0x1000,
+    "BCS": 0x1100,
+    "CCS": 0x1200,
+    "BSM": 0x1300,
+    "BMV": 0x1500,
+    "BMT": 0x1600,
+    "BST": 0x1900,
+    "BSD": 0x1C00,
+    "BEM": 0x1E00,
+    "TP_CM": 0xEC00,
+    "TP_DT": 0xEB00,
+}
+PRIORITY = {
+    "BHM": 6,
+    "BRM": 7,
+    "BCP": 7,
+    "BCL": 6,
+    "BCS": 7,
+    "BSM": 6,
+    "BMV": 7,
+    "BMT": 7,
+    "BST": 4,
+    "BSD": 6,
+    "BEM": 2,
+    "CHM": 6,
+    "CRM": 6,
+    "CML": 6,
+    "CRO": 4,
+    "CCS": 6,
+    "TP_CM": 7,
+    "TP_DT": 7,
+}
 
 
 def can_id(name: str, source: int, destination: int) -> int:
@@ -53,8 +89,18 @@ class Pack:
 
 def brm(p: Pack) -> bytes:
     year, month, day = p.made
-    body = struct.pack("<3sBHH4sIBBB", bytes([1, 1, 0]), p.battery_type, round(p.rated_ah * 10),
-                       round(p.rated_v * 10), p.manufacturer.encode(), p.serial, year - 1985, month, day)  # fmt: skip
+    body = struct.pack(
+        "<3sBHH4sIBBB",
+        bytes([1, 1, 0]),
+        p.battery_type,
+        round(p.rated_ah * 10),
+        round(p.rated_v * 10),
+        p.manufacturer.encode(),
+        p.serial,
+        year - 1985,
+        month,
+        day,
+    )
     body += p.charges.to_bytes(3, "little") + bytes([1, 0xFF]) + p.vin.encode()
     return body + (b"\xff" * 8 if p.edition == "2015" else b"")
 
@@ -92,8 +138,14 @@ def bmt(p: Pack) -> bytes:
 
 
 def bsd(p: Pack) -> bytes:
-    return struct.pack("<BHHBB", round(p.soc_pct), round(min(p.cells_v) * 100), round(max(p.cells_v) * 100),
-                       min(p.temps_c) + 50, max(p.temps_c) + 50)  # fmt: skip
+    return struct.pack(
+        "<BHHBB",
+        round(p.soc_pct),
+        round(min(p.cells_v) * 100),
+        round(max(p.cells_v) * 100),
+        min(p.temps_c) + 50,
+        max(p.temps_c) + 50,
+    )
 
 
 @dataclass(frozen=True)
@@ -127,8 +179,10 @@ def cts(name: str, packets: int, next_packet: int, source: int = CHARGER, destin
 
 
 def end_of_message(name: str, size: int, packets: int, source: int = CHARGER, destination: int = BMS) -> Frame:
-    return Frame(can_id("TP_CM", source, destination),
-                 struct.pack("<BHBB", 0x13, size, packets, 0xFF) + PGN[name].to_bytes(3, "little"))  # fmt: skip
+    return Frame(
+        can_id("TP_CM", source, destination),
+        struct.pack("<BHBB", 0x13, size, packets, 0xFF) + PGN[name].to_bytes(3, "little"),
+    )
 
 
 def abort(name: str, source: int, destination: int, reason: int = 3) -> Frame:
@@ -146,8 +200,12 @@ def multi(name: str, payload: bytes, source: int = BMS, destination: int = CHARG
     if len(payload) <= 8:
         return [single(name, payload, source, destination)]
     announce, dts = segment(name, payload, source, destination)
-    return [announce, cts(name, len(dts), 1, destination, source), *dts,
-            end_of_message(name, len(payload), len(dts), destination, source)]  # fmt: skip
+    return [
+        announce,
+        cts(name, len(dts), 1, destination, source),
+        *dts,
+        end_of_message(name, len(payload), len(dts), destination, source),
+    ]
 
 
 def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
@@ -156,8 +214,13 @@ def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
     out += [single("CRM", b"\x00\xff\xff\xff\xff\xff\xff\xff", CHARGER, BMS), *multi("BRM", brm(p))]
     out += [single("CRM", b"\xaa\xff\xff\xff\xff\xff\xff\xff", CHARGER, BMS), *multi("BCP", bcp(p))]
     for _ in range(rounds):
-        out += [single("BCL", bcl(p)), *multi("BCS", bcs(p)), single("BSM", bsm(p)), *multi("BMV", bmv(p)),
-                single("BMT", bmt(p))]  # fmt: skip
+        out += [
+            single("BCL", bcl(p)),
+            *multi("BCS", bcs(p)),
+            single("BSM", bsm(p)),
+            *multi("BMV", bmv(p)),
+            single("BMT", bmt(p)),
+        ]
         p.soc_pct = min(100.0, p.soc_pct + 2)
         p.voltage_v = round(p.voltage_v + 0.4, 1)
         p.cells_v = [round(v + 0.004, 3) for v in p.cells_v]
@@ -165,8 +228,14 @@ def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
     return out
 
 
-def with_faults(frames: list[Frame], rng: random.Random, lose: float = 0.0, repeat: float = 0.0,
-                flip: float = 0.0, noise: float = 0.0) -> list[Frame]:  # fmt: skip
+def with_faults(
+    frames: list[Frame],
+    rng: random.Random,
+    lose: float = 0.0,
+    repeat: float = 0.0,
+    flip: float = 0.0,
+    noise: float = 0.0,
+) -> list[Frame]:
     """The same traffic as a noisy bus delivers it."""
     out: list[Frame] = []
     for f in frames:

@@ -144,8 +144,9 @@ class Player:
         self._stop.set()
 
 
-def gbt27930_frames(pack: gbt27930_bms.Pack, rounds: int, rng: random.Random | None = None,
-                    lose: float = 0.0, noise: float = 0.0) -> list[tuple[int, bytes]]:  # fmt: skip
+def gbt27930_frames(
+    pack: gbt27930_bms.Pack, rounds: int, rng: random.Random | None = None, lose: float = 0.0, noise: float = 0.0
+) -> list[tuple[int, bytes]]:
     frames = gbt27930_bms.charging_session(pack, rounds)
     if rng is not None:
         frames = gbt27930_bms.with_faults(frames, rng, lose=lose, noise=noise)
@@ -163,8 +164,11 @@ def main() -> None:
     adapter.start()
     player = Player(adapter, args.interval)
     print(f"slcan adapter on {args.link} -> {os.readlink(args.link)}", flush=True)
-    make = (lambda: gbt27930_frames(gbt27930_bms.Pack(), 20)) if args.session == "gbt27930" else (
-        lambda: dbc_pack.broadcast(dbc_pack.VendorPack()))  # fmt: skip
+    make = (
+        (lambda: gbt27930_frames(gbt27930_bms.Pack(), 20))
+        if args.session == "gbt27930"
+        else (lambda: dbc_pack.broadcast(dbc_pack.VendorPack()))
+    )
     try:
         player.loop(make)
     except KeyboardInterrupt:

@@ -84,9 +84,19 @@ class Demo:
         enrolled = json.loads(_cli("server.cli", "devices", "list", "--json", "-c", str(self.server_toml)))
         if not any(d["device"] == DEVICE for d in enrolled):
             _cli(
-                "server.cli", "devices", "enroll", DEVICE, "--role", "gateway", "--key", str(key.with_suffix(".pub")),
-                "--org", "Demo Fleet Ltd", "-c", str(self.server_toml),
-            )  # fmt: skip
+                "server.cli",
+                "devices",
+                "enroll",
+                DEVICE,
+                "--role",
+                "gateway",
+                "--key",
+                str(key.with_suffix(".pub")),
+                "--org",
+                "Demo Fleet Ltd",
+                "-c",
+                str(self.server_toml),
+            )
         server_pub = _cli("server.cli", "pubkey", "-c", str(self.server_toml)).strip()
         (self.agent_dir / "agent.toml").write_text(
             "# written by battery-demo\n"
@@ -162,8 +172,10 @@ class Demo:
         latest = self.dir / "latest-event.cose"
         latest.write_bytes(row[0])
         pub = self.agent_dir / "device.pub"
-        print(f"\n== An auditor checks the latest stored event with only the device's public key ==\n"
-              f"$ battery-server verify --key {pub} {latest}")  # fmt: skip
+        print(
+            f"\n== An auditor checks the latest stored event with only the device's public key ==\n"
+            f"$ battery-server verify --key {pub} {latest}"
+        )
         done = subprocess.run(
             _python("server.cli", "verify", "--key", str(pub), str(latest)), capture_output=True, text=True
         )

@@ -77,9 +77,15 @@ def _sig_structure(protected_raw: bytes, payload: bytes) -> bytes:
     # RFC 9052 §4.4: ["Signature1", body_protected, external_aad, payload], external_aad empty. Built from
     # its parts: the same bytes cbor.encode gives for that array, without walking it on every event.
     return b"".join(
-        (_SIG1_PREFIX, cbor.byte_string_head(len(protected_raw)), protected_raw, _EMPTY_BSTR,
-         cbor.byte_string_head(len(payload)), payload)
-    )  # fmt: skip
+        (
+            _SIG1_PREFIX,
+            cbor.byte_string_head(len(protected_raw)),
+            protected_raw,
+            _EMPTY_BSTR,
+            cbor.byte_string_head(len(payload)),
+            payload,
+        )
+    )
 
 
 def sign(payload: bytes, key: PrivateKey) -> bytes:

@@ -79,6 +79,14 @@ class Section:
             raise self.error(key, f"is not valid; valid: {', '.join(choices)}")
         return value
 
+    def text_list(self, key: str, default: Any = _MISSING) -> Any:
+        present, value = self._get(key, default)
+        if not present:
+            return value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.error(key, 'must be a non-empty list of text, e.g. ["A", "B"]')
+        return tuple(value)
+
     def integer(self, key: str, default: Any = _MISSING, low: int = 0, high: int = 2**63 - 1) -> Any:
         present, value = self._get(key, default)
         if not present:

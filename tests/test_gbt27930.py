@@ -91,8 +91,14 @@ def test_reference_brm_over_rts_cts_and_bsm():
 
 def test_reference_bcs_values_and_reading_sign():
     decoded = gbt27930.decode(Message(0x1100, 0xF4, 0x56, bytes.fromhex("C60DEB0A55213F2F00"), 0))
-    assert decoded.fields == {"voltage_v": 352.6, "current_a": -120.5, "max_cell_voltage_v": 3.41, "max_cell_group": 2,
-                              "soc_pct": 63, "remaining_minutes": 47}  # fmt: skip
+    assert decoded.fields == {
+        "voltage_v": 352.6,
+        "current_a": -120.5,
+        "max_cell_voltage_v": 3.41,
+        "max_cell_group": 2,
+        "soc_pct": 63,
+        "remaining_minutes": 47,
+    }
     (health,) = gbt27930.readings(decoded)
     assert health.current_a == 120.5  # the agent's convention: positive while charging
 

@@ -25,8 +25,18 @@ def world(store_url):
 def test_a_battery_life_is_traced_in_event_order(world):
     mfr, maker = world.device("mfr-1", "manufacturer"), world.device("maker-1", "vehicle_maker")
     station, scrapper = world.device("station-1", "swap_operator"), world.device("scrap-1", "scrapper")
-    world.send(mfr, "produced", {"code": PACK, "chemistry": "lfp", "rated_capacity_ah": 150.0,
-                                 "rated_energy_kwh": 52.0, "children": ["0RJMEA00HAU0AAG1C3000200"]}, T0)  # fmt: skip
+    world.send(
+        mfr,
+        "produced",
+        {
+            "code": PACK,
+            "chemistry": "lfp",
+            "rated_capacity_ah": 150.0,
+            "rated_energy_kwh": 52.0,
+            "children": ["0RJMEA00HAU0AAG1C3000200"],
+        },
+        T0,
+    )
     # The station's swap reaches the server before the maker's (late) installation report.
     swap = {"vin": VIN, "code_out": PACK, "code_in": PACK_B, "health_out": HEALTH, "health_in": {"soc_pct": 99}}
     world.send(station, "swapped", {**swap, "slot_out": 1, "slot_in": 2}, T0 + 20 * DAY)
@@ -56,8 +66,12 @@ def test_each_store_level_finding_is_raised(world):
     world.send(maker, "installed", {"code": PACK_B, "vin": VIN}, T0)
     world.send(maker, "installed", {"code": "0RJXEA00HAU0AAG1C3000999", "vin": "LNBSCB3F5PW000001"}, T0)
     world.send(scrapper, "vehicle_scrapped", {"vin": VIN, "codes": [PACK]}, T0 + 10 * DAY)
-    world.send(scrapper, "handed_over", {"code": PACK, "from_entity": "S", "to_entity": "Swapper",
-                                         "to_role": "swap_operator"}, T0 + 11 * DAY)  # fmt: skip
+    world.send(
+        scrapper,
+        "handed_over",
+        {"code": PACK, "from_entity": "S", "to_entity": "Swapper", "to_role": "swap_operator"},
+        T0 + 11 * DAY,
+    )
     world.send(recycler, "recycled", {"code": PACK, "mass_kg": 300.0, "materials": {"li": 4.0}}, T0 + 12 * DAY)
     world.send(station, "health", {"code": PACK, "health": HEALTH}, T0 + 13 * DAY)
     world.send(maker, "installed", {"code": PACK_C, "vin": "LNBSCB3F5PW000002"}, T0, delay_ms=40 * DAY)
@@ -82,8 +96,12 @@ def test_unaccounted_is_raised_by_the_sweep_and_resolved_by_a_new_event(world):
     assert world.open_findings("unaccounted") == []
     world.store.sweep((T0 + 40 * DAY) / 1000)
     assert world.open_findings("unaccounted") == [("unaccounted", f"battery:{PACK}")]
-    world.send(scrapper, "handed_over", {"code": PACK, "from_entity": "S", "to_entity": "R", "to_role": "recycler"},
-               T0 + 41 * DAY)  # fmt: skip
+    world.send(
+        scrapper,
+        "handed_over",
+        {"code": PACK, "from_entity": "S", "to_entity": "R", "to_role": "recycler"},
+        T0 + 41 * DAY,
+    )
     assert world.open_findings("unaccounted") == []
 
 

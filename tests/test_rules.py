@@ -83,9 +83,11 @@ def test_incomplete_scrapping():
     assert v.state == "scrapped"
     assert [(f.kind, f.subject, f.ref) for f in found] == [("incomplete_scrapping", f"vehicle:{VIN}", (b"k", 3))]
     assert PACK_B in found[0].detail
-    swapped_first = [*life[:2], ev(4, "swapped", 100, vin=VIN, code_out=PACK_B, code_in="0RJPEA00HAU0AAG1C3000777",
-                                   slot_out=1, slot_in=1), ev(5, "vehicle_scrapped", 300, vin=VIN,
-                                                               codes=[PACK, "0RJPEA00HAU0AAG1C3000777"])]  # fmt: skip
+    swapped_first = [
+        *life[:2],
+        ev(4, "swapped", 100, vin=VIN, code_out=PACK_B, code_in="0RJPEA00HAU0AAG1C3000777", slot_out=1, slot_in=1),
+        ev(5, "vehicle_scrapped", 300, vin=VIN, codes=[PACK, "0RJPEA00HAU0AAG1C3000777"]),
+    ]
     assert rules.replay_vehicle(VIN, swapped_first)[1] == []
 
 

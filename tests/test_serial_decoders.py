@@ -20,8 +20,12 @@ def frames(data: bytes) -> list:
 def test_reference_request_and_answer():
     assert daly.request(daly.PACK).hex() == "a540900800000000000000007d"
     (frame,) = frames(EXAMPLE_ANSWER)
-    assert daly.decode_frame(frame) == {"voltage_v": 76.4, "acquisition_voltage_v": 0.0, "current_a": 11.3,
-                                        "soc_pct": 0.0}  # fmt: skip
+    assert daly.decode_frame(frame) == {
+        "voltage_v": 76.4,
+        "acquisition_voltage_v": 0.0,
+        "current_a": 11.3,
+        "soc_pct": 0.0,
+    }
     assert daly.decode_frame(frame, charge_positive=False)["current_a"] == -11.3
 
 
@@ -87,7 +91,7 @@ def test_any_checked_frame_of_a_known_command_decodes(command, data):
 
 @pytest.mark.parametrize("ending", [b"\r", b"\n", b"\r\n"])
 def test_scanner_lines_end_with_cr_lf_or_crlf(ending):
-    reader = scanner.LineReader()
+    reader = scanner.label_reader()
     text = b"0rjpea00hau0aag1c3000123" + ending + b"  0RJPEA00HAU0AAG1C3000124 " + ending
     half = len(text) // 2
     got = reader.feed(text[:half]) + reader.feed(text[half:])
@@ -96,7 +100,7 @@ def test_scanner_lines_end_with_cr_lf_or_crlf(ending):
 
 
 def test_scanner_drops_overlong_and_non_ascii_lines():
-    reader = scanner.LineReader()
+    reader = scanner.label_reader()
     got = reader.feed(b"x" * 300 + b"\n" + "Ä".encode() + b"\n" + b"0RJPEA00HAU0AAG1C3000123\n")
     assert [g.reason for g in got if isinstance(g, DecodeError)] == ["line_too_long", "not_ascii"]
     assert got[-1].code == "0RJPEA00HAU0AAG1C3000123"
@@ -104,5 +108,5 @@ def test_scanner_drops_overlong_and_non_ascii_lines():
 
 @given(st.binary(max_size=300))
 def test_scanner_survives_arbitrary_bytes(data):
-    for item in scanner.LineReader().feed(data):
+    for item in scanner.label_reader().feed(data):
         assert isinstance(item, Identity | DecodeError)

@@ -86,8 +86,20 @@ def test_rejects_and_export(home):
     assert len(rows) == 5 and "exported 5 events" in jsonl.stderr
     assert {r["type"] for r in rows} == {"installed", "health", "vehicle_scrapped"}
     out = home / "x.csv"
-    done = run(home, "export", "--since", "2026-01-02", "--until", "2026-01-03T12:00:00Z", "--by", "time",
-               "--format", "csv", "--out", str(out))  # fmt: skip
+    done = run(
+        home,
+        "export",
+        "--since",
+        "2026-01-02",
+        "--until",
+        "2026-01-03T12:00:00Z",
+        "--by",
+        "time",
+        "--format",
+        "csv",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0
     table = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [r["type"] for r in table] == ["health", "health"] and json.loads(table[0]["fields"])["code"] == PACK

@@ -19,10 +19,27 @@ FRAME_SIZE = 13
 HOST_ADDRESS = 0x40
 BMS_ADDRESS = 0x01
 PACK, CELL_RANGE, TEMP_RANGE, MOS, STATUS, CELLS, TEMPS, ALARMS, CODE = (
-    0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96, 0x98, 0x57
-)  # fmt: skip
-COMMANDS = {PACK: "pack", CELL_RANGE: "cell_range", TEMP_RANGE: "temperature_range", MOS: "mos",
-            STATUS: "status", CELLS: "cells", TEMPS: "temperatures", ALARMS: "alarms", CODE: "code"}  # fmt: skip
+    0x90,
+    0x91,
+    0x92,
+    0x93,
+    0x94,
+    0x95,
+    0x96,
+    0x98,
+    0x57,
+)
+COMMANDS = {
+    PACK: "pack",
+    CELL_RANGE: "cell_range",
+    TEMP_RANGE: "temperature_range",
+    MOS: "mos",
+    STATUS: "status",
+    CELLS: "cells",
+    TEMPS: "temperatures",
+    ALARMS: "alarms",
+    CODE: "code",
+}
 MULTI_FRAME = (CELLS, TEMPS, CODE)
 
 
@@ -84,20 +101,39 @@ def decode_frame(frame: Frame, charge_positive: bool = True) -> dict[str, Any]:
     d, c = frame.data, frame.command
     if c == PACK:
         amps = round((_u16(d, 4) - 30000) * 0.1, 1)
-        return {"voltage_v": round(_u16(d, 0) * 0.1, 1), "acquisition_voltage_v": round(_u16(d, 2) * 0.1, 1),
-                "current_a": amps if charge_positive else -amps, "soc_pct": round(_u16(d, 6) * 0.1, 1)}  # fmt: skip
+        return {
+            "voltage_v": round(_u16(d, 0) * 0.1, 1),
+            "acquisition_voltage_v": round(_u16(d, 2) * 0.1, 1),
+            "current_a": amps if charge_positive else -amps,
+            "soc_pct": round(_u16(d, 6) * 0.1, 1),
+        }
     if c == CELL_RANGE:
-        return {"max_cell_voltage_v": _u16(d, 0) / 1000, "max_cell": d[2], "min_cell_voltage_v": _u16(d, 3) / 1000,
-                "min_cell": d[5]}  # fmt: skip
+        return {
+            "max_cell_voltage_v": _u16(d, 0) / 1000,
+            "max_cell": d[2],
+            "min_cell_voltage_v": _u16(d, 3) / 1000,
+            "min_cell": d[5],
+        }
     if c == TEMP_RANGE:
         return {"max_temperature_c": d[0] - 40, "max_sensor": d[1], "min_temperature_c": d[2] - 40, "min_sensor": d[3]}
     if c == MOS:
         state = {0: "idle", 1: "charging", 2: "discharging"}.get(d[0], f"unknown_{d[0]}")
-        return {"state": state, "charge_mos": bool(d[1]), "discharge_mos": bool(d[2]), "bms_cycles": d[3],
-                "remaining_ah": int.from_bytes(d[4:8], "big") / 1000}  # fmt: skip
+        return {
+            "state": state,
+            "charge_mos": bool(d[1]),
+            "discharge_mos": bool(d[2]),
+            "bms_cycles": d[3],
+            "remaining_ah": int.from_bytes(d[4:8], "big") / 1000,
+        }
     if c == STATUS:
-        return {"cell_count": d[0], "ntc_count": d[1], "charger": bool(d[2]), "load": bool(d[3]), "dio": d[4],
-                "cycles": _u16(d, 5)}  # fmt: skip
+        return {
+            "cell_count": d[0],
+            "ntc_count": d[1],
+            "charger": bool(d[2]),
+            "load": bool(d[3]),
+            "dio": d[4],
+            "cycles": _u16(d, 5),
+        }
     if c == CELLS:
         return {"frame": d[0], "cells_mv": [_u16(d, 1 + 2 * i) for i in range(3)]}
     if c == TEMPS:

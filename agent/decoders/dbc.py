@@ -18,8 +18,17 @@ import cantools
 from agent.decoders.j1939 import CanFrame
 from agent.readings import DecodeError, Health, Identity, Reading
 
-HEALTH_FIELDS = ("voltage_v", "current_a", "soc_pct", "soh_pct", "cell_min_v", "cell_max_v", "cycles", "temp_max_c",
-                 "temp_min_c")  # fmt: skip
+HEALTH_FIELDS = (
+    "voltage_v",
+    "current_a",
+    "soc_pct",
+    "soh_pct",
+    "cell_min_v",
+    "cell_max_v",
+    "cycles",
+    "temp_max_c",
+    "temp_min_c",
+)
 
 
 class DbcError(ValueError):

@@ -205,8 +205,17 @@ MESSAGES: dict[int, tuple[str, Callable[[bytes], dict[str, Any]]]] = {
     0x1C00: ("BSD", _bsd),
     0x1E00: ("BEM", _raw_bits("BEM")),
 }
-CHARGER_PGNS = {0x2600: "CHM", 0x0100: "CRM", 0x0700: "CTS", 0x0800: "CML", 0x0900: "CRO", 0x1200: "CCS",
-                0x1A00: "CST", 0x1D00: "CSD", 0x1F00: "CEM"}  # fmt: skip
+CHARGER_PGNS = {
+    0x2600: "CHM",
+    0x0100: "CRM",
+    0x0700: "CTS",
+    0x0800: "CML",
+    0x0900: "CRO",
+    0x1200: "CCS",
+    0x1A00: "CST",
+    0x1D00: "CSD",
+    0x1F00: "CEM",
+}
 
 
 def decode(message: Message) -> Decoded | None:
@@ -225,8 +234,14 @@ def readings(decoded: Decoded) -> list[Reading]:
     f = decoded.fields
     name = decoded.name
     if name == "BCS":
-        return [Health(voltage_v=f["voltage_v"], current_a=-f["current_a"], soc_pct=float(f["soc_pct"]),
-                       cell_max_v=f["max_cell_voltage_v"])]  # fmt: skip
+        return [
+            Health(
+                voltage_v=f["voltage_v"],
+                current_a=-f["current_a"],
+                soc_pct=float(f["soc_pct"]),
+                cell_max_v=f["max_cell_voltage_v"],
+            )
+        ]
     if name == "BCP":
         return [Health(voltage_v=f["voltage_v"], soc_pct=f["soc_pct"])]
     if name == "BMV":
@@ -236,9 +251,10 @@ def readings(decoded: Decoded) -> list[Reading]:
         return [Health(temps_c=tuple(float(t) for t in f["temperatures_c"]))]
     if name == "BSM":
         faults = tuple(
-            f"{key}_{value}" for key in ("cell_voltage", "soc", "over_current", "over_temperature", "insulation",
-                                         "output_connector") if (value := f[key]) != "normal"
-        )  # fmt: skip
+            f"{key}_{value}"
+            for key in ("cell_voltage", "soc", "over_current", "over_temperature", "insulation", "output_connector")
+            if (value := f[key]) != "normal"
+        )
         return [Health(faults=faults)]
     if name == "BSD":
         return [

@@ -16,10 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import serial
 
-from agent.decoders import daly, jbd, scanner
+from agent.decoders import daly, jbd, scanner, station
 from agent.readings import DecodeError, Reading
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SerialSettings:
     port: str
-    protocol: str = "jbd"  # jbd, daly or scanner
+    protocol: str = "jbd"  # jbd, daly, scanner, plc or keypad
     baud: int = 9600
     parity: str = "N"
     timeout_s: float = 0.5
@@ -202,16 +203,17 @@ class DalyPoller(SerialSource):
         return got
 
 
-class ScannerSource(SerialSource):
-    """A code-label scanner: reads whatever arrives and splits it into lines."""
+class LineSource(SerialSource):
+    """A line device (label scanner, PLC, keypad): reads whatever arrives and splits it into lines."""
 
-    def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Reading], None]) -> None:
+    def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Any], None]) -> None:
         super().__init__(slot, settings, on_reading)
-        self._lines = scanner.LineReader()
+        parse = station.parse if settings.protocol in ("plc", "keypad") else scanner.scanned_code
+        self._lines: scanner.LineReader[Any] = scanner.LineReader(parse)
 
-    def cycle(self, port: serial.Serial) -> list[Reading]:
+    def cycle(self, port: serial.Serial) -> list[Any]:
         chunk = port.read(max(1, port.in_waiting))  # waits at most the port timeout for the first byte
-        readings: list[Reading] = []
+        readings: list[Any] = []
         for item in self._lines.feed(chunk):
             if isinstance(item, DecodeError):
                 self.count(item)
@@ -221,7 +223,7 @@ class ScannerSource(SerialSource):
         return readings
 
 
-SOURCES = {"jbd": JbdPoller, "daly": DalyPoller, "scanner": ScannerSource}
+SOURCES = {"jbd": JbdPoller, "daly": DalyPoller, "scanner": LineSource, "plc": LineSource, "keypad": LineSource}
 
 
 def serial_source(slot: int, settings: SerialSettings, on_reading: Callable[[int, Reading], None]) -> SerialSource:

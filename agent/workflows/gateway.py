@@ -1,17 +1,16 @@
-"""BMS gateway: a periodic ``health`` snapshot of every pack in service that has an identity."""
+"""BMS gateway: a periodic ``health`` snapshot of every pack in service that has an identity.
+
+The same snapshot serves a swap station's stock and a maintenance rig's connected pack.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 
 from agent.battery_view import BatteryView
 from agent.sealer import Draft, Refused
-
-log = logging.getLogger(__name__)
 
 
 def health_drafts(view: BatteryView, now: float, max_age_s: float) -> list[Draft]:
@@ -26,19 +25,23 @@ def health_drafts(view: BatteryView, now: float, max_age_s: float) -> list[Draft
         if not health:
             continue
         drafts.append(
-            Draft(
-                "health",
-                state.code_source,
-                {"code": state.code, "health": health, "slot": slot},
-                int(now * 1000),
-            )
+            Draft("health", state.code_source, {"code": state.code, "health": health, "slot": slot}, int(now * 1000))
         )
     return drafts
 
 
-async def run(view: BatteryView, seal: Callable[[Draft], int], interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        for draft in health_drafts(view, time.time(), max_age_s=3 * interval_s):
+class Gateway:
+    def __init__(self, view: BatteryView, seal: Callable[[Draft], int], health_interval_s: float) -> None:
+        self.view = view
+        self.seal = seal
+        self.health_interval_s = health_interval_s
+        self._next_health = time.time() + health_interval_s
+
+    def tick(self, now: float) -> None:
+        """Called about once a second: snapshots when they are due."""
+        if now < self._next_health:
+            return
+        self._next_health = now + self.health_interval_s
+        for draft in health_drafts(self.view, now, max_age_s=max(3 * self.health_interval_s, 10)):
             with contextlib.suppress(Refused):  # logged and counted by the sealer
-                seal(draft)
+                self.seal(draft)

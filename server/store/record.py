@@ -93,9 +93,11 @@ def commit(
             [(kid, devices[kid], at) for kid in kids],
         )
         locked = _in(
-            tx, "SELECT kid, watermark, max_seq FROM chains WHERE kid IN ({marks})", kids,
+            tx,
+            "SELECT kid, watermark, max_seq FROM chains WHERE kid IN ({marks})",
+            kids,
             f" ORDER BY kid{tx.dialect.for_update}",
-        )  # fmt: skip
+        )
         chains = {r[0]: (r[1], r[2]) for r in locked}
         stored = {(r[0], r[1]): r[2] for r in _pairs(tx, "e.hash", [(i.kid, i.event.seq) for i in items])}
         for item in items:
@@ -281,9 +283,11 @@ def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at
         [(code, latest[code].time_ms, at) for code in codes],
     )
     rows = _in(
-        tx, "SELECT code, state, final_ms, last_event_ms FROM batteries WHERE code IN ({marks})", codes,
+        tx,
+        "SELECT code, state, final_ms, last_event_ms FROM batteries WHERE code IN ({marks})",
+        codes,
         f" ORDER BY code{tx.dialect.for_update}",
-    )  # fmt: skip
+    )
     out: list[Finding] = []
     touched = []
     for code, state, final_ms, last_event_ms in rows:
@@ -307,9 +311,10 @@ def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at
     tx.executemany("UPDATE batteries SET last_event_ms = ?, last_received_at = ? WHERE code = ?", touched)
     # Any new event accounts for a battery again; the sweep raises "unaccounted" when time passes.
     stale = _in(
-        tx, "SELECT id FROM findings WHERE kind = 'unaccounted' AND resolved_at IS NULL AND subject IN ({marks})",
+        tx,
+        "SELECT id FROM findings WHERE kind = 'unaccounted' AND resolved_at IS NULL AND subject IN ({marks})",
         [rules.battery(code) for code in codes],
-    )  # fmt: skip
+    )
     tx.executemany("UPDATE findings SET resolved_at = ? WHERE id = ?", [(at, r[0]) for r in stale])
     return out
 

@@ -1,31 +1,17 @@
-"""``battery-agent``: the edge agent's command line."""
+"""``keygen``, ``pubkey`` and ``code``: the device's key, and checking battery labels."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
+from agent.cli.common import INVALID, OK, USAGE
 from protocol import battery_code, keys
-from protocol.settings import ConfigError
-
-OK, INVALID, USAGE = 0, 1, 2
-
-EXAMPLES = """
-examples:
-  battery-agent keygen --out /var/lib/battery-agent/device.key
-  battery-agent pubkey --key /var/lib/battery-agent/device.key --pem
-  battery-agent code 0RJPEA00HAU0AAG1C3000123
-  scanner-output | battery-agent code -
-  battery-agent decode --protocol gbt27930 charge-session.log
-  battery-agent run -c /etc/battery-agent/agent.toml
-"""
 
 
-def _keygen(args: argparse.Namespace) -> int:
+def keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     public_path = out.with_suffix(".pub")
     if public_path.exists():
@@ -55,7 +41,7 @@ def _keygen(args: argparse.Namespace) -> int:
     return OK
 
 
-def _pubkey(args: argparse.Namespace) -> int:
+def pubkey(args: argparse.Namespace) -> int:
     try:
         public = keys.load_private(Path(args.key)).public
     except keys.InvalidKey as exc:
@@ -68,7 +54,7 @@ def _pubkey(args: argparse.Namespace) -> int:
     return OK
 
 
-def _code(args: argparse.Namespace) -> int:
+def code(args: argparse.Namespace) -> int:
     codes = args.codes
     if codes == ["-"]:
         codes = [line for line in sys.stdin.read().splitlines() if line.strip()]
@@ -95,50 +81,7 @@ def _code(args: argparse.Namespace) -> int:
     return status
 
 
-def _decode(args: argparse.Namespace) -> int:
-    from agent import offline_decode
-    from agent.decoders.dbc import DbcError
-
-    if args.protocol == "dbc" and not args.dbc:
-        print("error: --protocol dbc needs --dbc FILE", file=sys.stderr)
-        return USAGE
-    source = args.file
-    if source != "-" and not Path(source).is_file():
-        print(f"error: cannot read {source}: no such file", file=sys.stderr)
-        return USAGE
-    try:
-        printer = offline_decode.run(
-            args.protocol, source, Path(args.dbc) if args.dbc else None, sys.stdout, sys.stderr
-        )
-    except (DbcError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE
-    return OK if printer.decoded or not printer.dropped else INVALID
-
-
-def _run(args: argparse.Namespace) -> int:
-    from agent import app, config  # the runtime's dependencies are only needed to run
-
-    try:
-        cfg = config.load(Path(args.config))
-        keys.load_private(cfg.key_path)
-    except (ConfigError, keys.InvalidKey) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USAGE
-    asyncio.run(app.run(cfg))
-    return OK
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="battery-agent",
-        description="Edge agent of battery-trace: reads batteries, seals signed lifecycle events, delivers them.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser(
         "keygen",
         help="generate this device's signing key",
@@ -149,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--out", default="device.key", help="private key file to create (default: %(default)s)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
-    k.set_defaults(func=_keygen)
+    k.set_defaults(func=keygen)
 
     pk = sub.add_parser(
         "pubkey",
@@ -163,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     pk_format = pk.add_mutually_exclusive_group()
     pk_format.add_argument("--pem", action="store_true", help="print SubjectPublicKeyInfo PEM")
     pk_format.add_argument("--json", action="store_true", help="print hex, key id and PEM as JSON")
-    pk.set_defaults(func=_pubkey)
+    pk.set_defaults(func=pubkey)
 
     c = sub.add_parser(
         "code",
@@ -175,43 +118,4 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("codes", nargs="+", metavar="CODE", help="codes to check, or - to read one per line from stdin")
     c.add_argument("--pretty", action="store_true", help="indent the JSON")
-    c.set_defaults(func=_code)
-
-    d = sub.add_parser(
-        "decode",
-        help="decode recorded CAN or serial traffic offline",
-        description="Decode a capture with the agent's own decoders and print one JSON object per decoded "
-        "message (fields in SI units: V, A, Ah, kWh, °C, %%). CAN input: any log python-can reads (candump .log, "
-        "ASC, BLF, CSV, TRC) or lines ID#DATA as candump prints them. Serial input: hex text of the byte "
-        "stream (whitespace and line breaks ignored). Malformed input is reported on stderr and skipped. Exit 0 "
-        "when something was decoded, 1 when nothing could be, 2 on usage errors.",
-        epilog="examples:\n  battery-agent decode --protocol gbt27930 charge-session.log\n"
-        "  candump -L can0 | battery-agent decode --protocol dbc --dbc configs/vendor-pack.dbc -\n"
-        "  battery-agent decode --protocol jbd uart-capture.hex",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    d.add_argument("--protocol", required=True, choices=("gbt27930", "dbc", "jbd", "daly"))
-    d.add_argument("--dbc", help="the DBC file (for --protocol dbc)")
-    d.add_argument("file", nargs="?", default="-", help="the capture (default: stdin)")
-    d.set_defaults(func=_decode)
-
-    r = sub.add_parser(
-        "run",
-        help="run the agent",
-        description="Run the agent with a TOML config (see configs/agent-*.toml).",
-        epilog="example:\n  battery-agent run -c /etc/battery-agent/agent.toml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    r.add_argument("-c", "--config", required=True, help="the agent's TOML config")
-    r.set_defaults(func=_run)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    c.set_defaults(func=code)

@@ -1,0 +1,3 @@
+"""What every agent command shares: exit codes."""
+
+OK, INVALID, USAGE = 0, 1, 2

@@ -1,0 +1,88 @@
+"""The agent's Prometheus metrics, rendered from its live state. Labels are bounded: per slot and per
+source (both fixed by the config), per reason (a fixed set), never per battery or per event."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from agent.control import metric_lines
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+
+def render(agent: Agent) -> str:
+    depth, oldest = agent.outbox.depth()
+    now = time.time()
+    lines: list[str] = []
+    lines += metric_lines(
+        "bt_agent_outbox_events", "Sealed events not yet covered by a receipt.", "gauge", [({}, depth)]
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_oldest_seconds",
+        "Age of the oldest unreceipted event.",
+        "gauge",
+        [({}, round(now - oldest, 3) if oldest else 0.0)],
+    )
+    lines += metric_lines("bt_agent_outbox_bytes", "Outbox size on disk.", "gauge", [({}, agent.outbox.size_bytes())])
+    lines += metric_lines(
+        "bt_agent_outbox_alarm",
+        "1 when the outbox is over its disk budget.",
+        "gauge",
+        [({}, 1 if agent.sealer.alarm else 0)],
+    )
+    lines += metric_lines(
+        "bt_agent_sealed_total", "Events sealed into the outbox.", "counter", [({}, agent.sealer.sealed)]
+    )
+    lines += metric_lines(
+        "bt_agent_refused_total",
+        "Drafts not sealed, by reason.",
+        "counter",
+        [({"reason": r}, n) for r, n in sorted(agent.sealer.refused.items())],
+    )
+    up = agent.uplink
+    lines += metric_lines(
+        "bt_agent_broker_connected", "1 while connected to the broker.", "gauge", [({}, 1 if up.connected else 0)]
+    )
+    lines += metric_lines(
+        "bt_agent_uplink_total",
+        "Uplink activity: published, resent, receipts, pruned, refused receipts, connects.",
+        "counter",
+        [({"what": k}, v) for k, v in sorted(up.counters.items())],
+    )
+    lines += metric_lines(
+        "bt_agent_source_connected",
+        "1 while a source's port or bus is open.",
+        "gauge",
+        [({"slot": str(s.slot), "source": s.name}, 1 if s.connected else 0) for s in agent.sources],
+    )
+    lines += metric_lines(
+        "bt_agent_source_events_total",
+        "Per source: frames, timeouts, disconnects, bad frames by reason.",
+        "counter",
+        [
+            ({"slot": str(s.slot), "source": s.name, "what": k}, v)
+            for s in agent.sources
+            for k, v in sorted(s.counters.items())
+        ],
+    )
+    lines += metric_lines(
+        "bt_agent_slot_reading_age_seconds",
+        "Seconds since the battery on a slot last said anything.",
+        "gauge",
+        [({"slot": str(n)}, round(now - st.seen_at, 3)) for n, st in sorted(agent.view.slots.items()) if st.seen_at],
+    )
+    lines += metric_lines(
+        "bt_agent_invalid_codes_total",
+        "Battery codes read that break GB/T 34014.",
+        "counter",
+        [({}, agent.view.invalid_codes)],
+    )
+    lines += metric_lines(
+        "bt_agent_bindings_total",
+        "Secondary identities bound to codes, and refused rebindings.",
+        "counter",
+        [({"what": k}, v) for k, v in sorted(agent.bindings.counters.items())],
+    )
+    return "\n".join(lines) + "\n"

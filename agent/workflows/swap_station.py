@@ -1,0 +1,109 @@
+"""Swap station: N slots with their batteries, a PLC announcing vehicles and swaps.
+
+A swap is a transaction the PLC narrates (agent/decoders/station.py): ``VEHICLE <VIN>``, ``OUT
+<slot>`` (the battery taken out of the vehicle is now in that slot), ``IN <slot>`` (the battery from
+that slot went into the vehicle), ``DONE``. The installed battery's identity and health are taken
+when it leaves its slot; the removed one's once its BMS has spoken in its new slot. A finished swap
+waits (up to ``identity_wait_s``) for that; if the removed battery stays unknown, nothing false is
+sealed: the swap is counted as incomplete and logged. Between swaps the stock reports its health.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.battery_view import BatteryView, SlotState
+from agent.decoders.station import StationCommand
+from agent.sealer import Draft, Refused
+from agent.workflows.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Swap:
+    vin: str
+    slot_out: int | None = None
+    slot_in: int | None = None
+    code_in: str | None = None
+    source_in: str | None = None
+    health_in: dict[str, object] = field(default_factory=dict)
+    done_at: float | None = None
+
+
+class SwapStation(Gateway):
+    def __init__(
+        self,
+        view: BatteryView,
+        seal: Callable[[Draft], int],
+        health_interval_s: float,
+        identity_wait_s: float = 60.0,
+    ) -> None:
+        super().__init__(view, seal, health_interval_s)
+        self.identity_wait_s = identity_wait_s
+        self.current: Swap | None = None
+        self.finishing: list[Swap] = []
+        self.counters: Counter[str] = Counter()
+
+    def command(self, cmd: StationCommand) -> None:
+        log.info("PLC: %s", cmd)
+        if cmd.verb == "VEHICLE":
+            if self.current is not None:
+                self.counters["swaps_abandoned"] += 1
+            self.current = Swap(cmd.vin or "")
+            return
+        swap = self.current
+        if swap is None:
+            self.counters["commands_without_vehicle"] += 1
+            log.warning("PLC said %s with no vehicle in the bay", cmd.verb)
+            return
+        if cmd.verb == "OUT":
+            swap.slot_out = cmd.slot
+        elif cmd.verb == "IN" and cmd.slot is not None:
+            swap.slot_in = cmd.slot
+            leaving = self.view.slot(cmd.slot)
+            swap.code_in, swap.source_in = leaving.code, leaving.code_source
+            swap.health_in = leaving.health.to_event()
+        elif cmd.verb == "ABORT":
+            self.counters["swaps_aborted"] += 1
+            self.current = None
+        elif cmd.verb == "DONE":
+            swap.done_at = time.time()
+            self.finishing.append(swap)
+            self.current = None
+            self.tick(swap.done_at)
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        for swap in list(self.finishing):
+            out: SlotState | None = self.view.slots.get(swap.slot_out) if swap.slot_out is not None else None
+            ready = out is not None and out.code is not None and out.health.to_event()
+            if ready and swap.code_in and swap.health_in and swap.slot_in is not None:
+                self.finishing.remove(swap)
+                self._seal(swap, out)  # type: ignore[arg-type]
+            elif swap.done_at is not None and now - swap.done_at > self.identity_wait_s:
+                self.finishing.remove(swap)
+                self.counters["swaps_incomplete"] += 1
+                log.error("swap of %s not sealed: the batteries' identity or health stayed unknown", swap.vin)
+
+    def _seal(self, swap: Swap, out: SlotState) -> None:
+        fields = {
+            "vin": swap.vin,
+            "code_out": out.code,
+            "code_in": swap.code_in,
+            "health_out": out.health.to_event(),
+            "health_in": swap.health_in,
+            "slot_out": swap.slot_out,
+            "slot_in": swap.slot_in,
+        }
+        # The identity source recorded is the weaker of the two: a binding is weaker than a label.
+        source = out.code_source if out.code_source == swap.source_in else "binding"
+        try:
+            self.seal(Draft("swapped", source or "binding", fields, int((swap.done_at or time.time()) * 1000)))
+            self.counters["swaps_sealed"] += 1
+        except Refused:
+            self.counters["swaps_refused"] += 1
