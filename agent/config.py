@@ -245,8 +245,9 @@ def load(path: Path) -> AgentConfig:
             root.section(kind)
     if site_kind != "swap_station" and "plc" in root.data:
         raise root.error("plc", "a PLC drives swaps; it belongs to site kind 'swap_station'")
-    control = _listen(root.section("observability"))
-    root.section("observability").finish()
+    observability = root.section("observability")
+    control = _listen(observability)
+    observability.finish()
     root.finish()
     return AgentConfig(
         device=device,

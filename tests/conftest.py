@@ -57,3 +57,71 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:{tmp_path / 'record.sqlite'}"
     return request.getfixturevalue("postgres_cluster").create_database()
+
+
+class RecordServer:
+    """A collector process on a private broker, its SQLite record, and helpers to enrol devices."""
+
+    def __init__(self, workdir: Path, broker: Broker) -> None:
+        from harness import collectors
+        from protocol import keys
+        from server.store import Store
+
+        self.workdir = workdir
+        self.broker = broker
+        self.url = f"sqlite:{workdir / 'record.sqlite'}"
+        self.store = Store(self.url)
+        self.key_path = workdir / "server.key"
+        keys.save_private(keys.generate(), self.key_path)
+        self.public = keys.load_private(self.key_path).public
+        config = collectors.write_config(workdir / "collector.toml", self.url, broker, "collector-1", self.key_path)
+        self.log = workdir / "collector.log"
+        self.process = collectors.start(config, self.log)
+        collectors.wait_subscribed(self.log)
+
+    def device(self, name: str, role: str) -> Path:
+        """Enrol a new device; returns the path of its private key."""
+        from protocol import keys
+
+        key = keys.generate()
+        path = self.workdir / f"{name}.key"
+        keys.save_private(key, path)
+        self.store.enroll(name, role, key.public, None, 0.0)
+        return path
+
+    def events(self, event_type: str | None = None) -> list:
+        from protocol import envelope, events
+
+        rows = self.store.export(0, 4e12)
+        out = [events.decode(envelope.decode(r[9]).payload) for r in rows]
+        return [e for e in out if event_type is None or e.type == event_type]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
+        self.store.close()
+
+
+@pytest.fixture
+def record_server(tmp_path: Path, broker: Broker) -> Iterator[RecordServer]:
+    (tmp_path / "server").mkdir()
+    server = RecordServer(tmp_path / "server", broker)
+    yield server
+    server.stop()
+
+
+def wait_until(condition, timeout: float, what: str, procs=()) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what``, or a process that died meanwhile."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"{p.args} exited early with {p.returncode}"
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")

@@ -19,16 +19,23 @@ from server import config as server_config
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.fixture
-def gateway(tmp_path) -> Path:
-    """The shipped gateway example, with its key files pointed into a temporary folder."""
-    text = (CONFIGS / "agent-gateway.toml").read_text()
+def shipped(tmp_path: Path, name: str) -> Path:
+    """A shipped example config, with its files pointed into a temporary folder that has them."""
+    text = (CONFIGS / name).read_text()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "server.pub").write_text(keys.generate().public.pem())
-    (tmp_path / "ca.pem").write_text("placeholder")
+    for placeholder in ("ca.pem", "device.crt", "device-tls.key"):
+        (tmp_path / placeholder).write_text("placeholder")
+    shutil.copy(CONFIGS / "vendor-pack.dbc", tmp_path / "vendor-pack.dbc")
     text = text.replace("/etc/battery-agent/", "").replace("/var/lib/battery-agent/", "")
     path = tmp_path / "agent.toml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def gateway(tmp_path) -> Path:
+    return shipped(tmp_path, "agent-gateway.toml")
 
 
 def test_shipped_gateway_example_loads(gateway):
@@ -37,6 +44,20 @@ def test_shipped_gateway_example_loads(gateway):
     assert cfg.slots[0].code == "0RJPEA00HAU0AAG1C3000123" and cfg.slots[0].serial.port == "/dev/bms-slot1"
     assert cfg.mqtt.tls_ca == str(gateway.parent / "ca.pem")  # relative to the config file
     assert cfg.outbox_path == gateway.parent / "outbox.sqlite"
+
+
+def test_shipped_swap_station_rig_and_submitter_examples_load(tmp_path):
+    station = agent_config.load(shipped(tmp_path / "station", "agent-swap-station.toml"))
+    assert station.site_kind == "swap_station" and [s.slot for s in station.slots] == [1, 2, 3]
+    assert station.slots[1].can.interface == "slcan" and station.slots[1].can.options == {"tty_baudrate": 115200}
+    dbc_slot = station.slots[2].can
+    assert dbc_slot.protocol == "dbc" and dbc_slot.dbc_mapping.code.length == 24
+    assert dbc_slot.dbc_mapping.charge_positive is False
+    assert sorted(line.kind for line in station.lines) == ["plc", "scanner", "scanner"]
+    rig = agent_config.load(shipped(tmp_path / "rig", "agent-maintenance-rig.toml"))
+    assert rig.site_kind == "maintenance_rig" and rig.slots[0].serial.protocol == "daly"
+    submitter = agent_config.load(shipped(tmp_path / "submitter", "agent-submitter.toml"))
+    assert submitter.role == "manufacturer" and submitter.slots == ()
 
 
 def test_shipped_server_example_loads(tmp_path):
@@ -60,6 +81,9 @@ def test_shipped_server_example_loads(tmp_path):
         ('tls_ca = "ca.pem"', 'tls_ca = "missing.pem"', "does not exist"),
         ("[outbox]", "[outbox", "not valid TOML"),
         ("slot = 1", "", "[slots[0]] slot: is required"),
+        ('role = "gateway"', 'role = "janitor"', "role = 'janitor': is not valid; valid: manufacturer"),
+        ('listen = "127.0.0.1:9108"', 'listen = "0.0.0.0:9108"', "must be a loopback address"),
+        ("budget_mb = 512", "budget_mb = 0", "[outbox] budget_mb = 0: is out of range"),
     ],
 )
 def test_agent_config_mistakes_are_named(gateway, old, new, message):
@@ -121,3 +145,27 @@ def test_server_rules_and_store_url_are_checked(tmp_path):
         with pytest.raises(ConfigError) as err:
             server_config.load(path)
         assert message in str(err.value)
+
+
+def test_dbc_mapping_mistakes_are_named(tmp_path):
+    path = shipped(tmp_path, "agent-swap-station.toml")
+    text = path.read_text()
+    for old, new, message in [
+        ('soc_pct = "PackStatus.StateOfCharge"', 'soc_pct = "PackStatus.SOC"', "no signal 'PackStatus.SOC'"),
+        ('soc_pct = "PackStatus.StateOfCharge"', 'charge = "PackStatus.StateOfCharge"', "is not a reading field"),
+        ('dbc = "vendor-pack.dbc"', 'dbc = "missing.dbc"', "not a DBC file"),
+        ('text = ["IdText0"', 'text = [1, "IdText0"', "must be a non-empty list of text"),
+        ('protocol = "dbc"', 'protocol = "j1708"', "valid: gbt27930, dbc"),
+    ]:
+        assert old in text, old
+        path.write_text(text.replace(old, new, 1))
+        with pytest.raises(ConfigError) as err:
+            agent_config.load(path)
+        assert message in str(err.value), str(err.value)
+
+
+def test_a_plc_belongs_to_a_swap_station(tmp_path):
+    path = shipped(tmp_path, "agent-gateway.toml")
+    path.write_text(path.read_text() + '\n[plc]\nport = "/dev/ttyS1"\n')
+    with pytest.raises(ConfigError, match="belongs to site kind 'swap_station'"):
+        agent_config.load(path)

@@ -1,0 +1,55 @@
+"""Agent processes for tests, benchmarks and the demo: real ``battery-agent run`` processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from harness.broker import Broker, free_port
+
+
+def write_config(
+    path: Path,
+    device: str,
+    key: Path,
+    server_public_hex: str,
+    broker: Broker,
+    site: str,
+    body: str,
+    *,
+    role: str | None = None,
+    health_interval_s: float = 1.0,
+    resend_after_s: float = 2.0,
+    extra_site: str = "",
+) -> tuple[Path, int]:
+    """An agent config with everything but the site's slots and devices (``body``); returns it and its
+    loopback control port."""
+    port = free_port()
+    role_line = f'role = "{role}"\n' if role else ""
+    path.write_text(
+        f'[device]\nid = "{device}"\n{role_line}key = "{key}"\n'
+        f'[server]\npublic_key = "{server_public_hex}"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nresend_after_s = {resend_after_s}\n'
+        f'[outbox]\npath = "{path.parent / (device + "-outbox.sqlite")}"\n'
+        f'[site]\nkind = "{site}"\nhealth_interval_s = {health_interval_s}\nstatus_interval_s = 1\n{extra_site}'
+        f'[observability]\nlisten = "127.0.0.1:{port}"\n' + body
+    )
+    return path, port
+
+
+def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c", str(config)], stdout=out, stderr=out)
+
+
+def status(port: int) -> dict[str, Any] | None:
+    """The running agent's /status, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
