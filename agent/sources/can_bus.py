@@ -116,6 +116,9 @@ class CanSource:
             reader.start()
             try:
                 await self._consume(queue)
+            except Exception:  # a source must never take the agent down: log it, count it, reopen
+                self.counters["unexpected_errors"] += 1
+                log.exception("slot %s: %s failed unexpectedly; reopening", self.slot, self.name)
             finally:
                 stop.set()
                 await asyncio.to_thread(reader.join, 2.0)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import termios
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -66,12 +67,18 @@ class SerialSource:
                 for reading in readings:
                     loop.call_soon(self.on_reading, self.slot, reading)
                 await asyncio.sleep(self.pause_s)
-            except (serial.SerialException, OSError) as exc:
+            except (serial.SerialException, OSError, termios.error) as exc:  # termios.error is not an OSError
                 if self.connected:
                     self.counters["disconnects"] += 1
                     log.warning("slot %s: %s lost (%s)", self.slot, self.name, exc)
                 else:
                     self.counters["open_failures"] += 1
+                self._close()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:  # a source must never take the agent down: log it, count it, start over
+                self.counters["unexpected_errors"] += 1
+                log.exception("slot %s: %s failed unexpectedly; reopening", self.slot, self.name)
                 self._close()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -98,7 +105,7 @@ class SerialSource:
     def _close(self) -> None:
         self.connected = False
         if self._port is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
+            with contextlib.suppress(serial.SerialException, OSError, termios.error):
                 self._port.close()
             self._port = None
 

@@ -1,0 +1,205 @@
+"""The agent under trouble: the broker dies mid-stream, the agent itself is killed with SIGKILL, a serial
+port and a USB-CAN adapter are unplugged, a forged receipt arrives. Nothing sealed is lost, nothing is
+stored twice, no sequence number is reused, and the agent never stops by itself."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from firmware_stubs import gbt27930_bms
+from firmware_stubs.jbd_bms import JbdBms, PackState
+from firmware_stubs.pty_link import PtyLink
+from firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
+from harness import agents
+from harness.publisher import Publisher
+from protocol import keys, receipts
+from server.audit import audit_chain
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.integration
+CODE = "0RJPEA00HAU0AAG1C3000123"
+
+
+def head(outbox: Path) -> int:
+    if not outbox.exists():
+        return 0
+    with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as db:
+        return db.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chain").fetchone()[0]
+
+
+def source(port: int) -> dict:
+    """The first source in the agent's status ({} while the agent does not answer)."""
+    return ((agents.status(port) or {}).get("sources") or [{}])[0]
+
+
+def stored(server) -> list[int]:
+    return sorted(e.seq for e in server.events())
+
+
+@pytest.fixture
+def gateway(tmp_path, record_server):
+    """A gateway agent polling a JBD BMS on a pty, sealing a health snapshot every 0.2 s."""
+    key = record_server.device("gw-1", "gateway")
+    link = PtyLink(tmp_path / "bms")
+    bms = JbdBms(link, PackState())
+    bms.start()
+    body = (
+        f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\nprotocol = "jbd"\n'
+        "poll_interval_s = 0.1\ntimeout_s = 0.3\n"
+    )
+    config, port = agents.write_config(
+        tmp_path / "gw.toml",
+        "gw-1",
+        key,
+        record_server.public.hex,
+        record_server.broker,
+        "gateway",
+        body,
+        role="gateway",
+        health_interval_s=0.2,
+        resend_after_s=1.0,
+    )
+    handle = {
+        "config": config,
+        "port": port,
+        "link": link,
+        "outbox": tmp_path / "gw-1-outbox.sqlite",
+        "log": tmp_path / "agent.log",
+        "key": key,
+    }
+    handle["process"] = agents.start(config, handle["log"])
+    yield handle
+    process = handle["process"]
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    bms.stop()
+    link.close()
+
+
+def assert_complete_and_intact(server, key_path: Path, sealed: int) -> None:
+    seqs = stored(server)
+    assert seqs == list(range(1, sealed + 1)), f"stored {len(seqs)} of {sealed}; missing or doubled"
+    key = server.store.device_keys("gw-1")[0]
+    assert key.public == keys.load_private(key_path).public
+    assert audit_chain(key, server.store.chain(key.kid)).first_break is None
+    assert server.store.findings() == []
+
+
+def drain(server, gateway) -> int:
+    """Stop the agent, then deliver what it sealed with the same key and outbox but no sensors (a
+    submitter), so nothing new is sealed while we wait; returns how many events were sealed in all."""
+    gateway["process"].send_signal(signal.SIGTERM)
+    gateway["process"].wait(timeout=20)
+    sealed = head(gateway["outbox"])
+    text = gateway["config"].read_text().replace('kind = "gateway"', 'kind = "submitter"')
+    quiet = gateway["config"].with_name("deliver.toml")
+    quiet.write_text(text[: text.index("[[slots]]")])
+    gateway["process"] = agents.start(quiet, gateway["log"])
+    wait_until(
+        lambda: stored(server) == list(range(1, sealed + 1)), 40, "every sealed event, once", [gateway["process"]]
+    )
+    return sealed
+
+
+def test_broker_killed_and_restarted_mid_stream(record_server, gateway):
+    agent = gateway["process"]
+    wait_until(lambda: len(stored(record_server)) >= 10, 30, "the first events", [agent])
+    record_server.broker.kill()
+    before = head(gateway["outbox"])
+    time.sleep(2.0)
+    assert head(gateway["outbox"]) > before, "the agent must keep sealing while the broker is away"
+    record_server.broker.start()
+    assert_complete_and_intact(record_server, gateway["key"], drain(record_server, gateway))
+
+
+def test_agent_killed_with_sigkill_and_restarted(record_server, gateway):
+    for _ in range(3):  # killed three times while sealing, at different moments
+        mark = head(gateway["outbox"])
+        wait_until(lambda m=mark: head(gateway["outbox"]) >= m + 5, 30, "more sealing", [gateway["process"]])
+        gateway["process"].send_signal(signal.SIGKILL)
+        gateway["process"].wait()
+        gateway["process"] = agents.start(gateway["config"], gateway["log"])
+    assert_complete_and_intact(record_server, gateway["key"], drain(record_server, gateway))
+
+
+def test_an_unplugged_serial_port_is_reopened(record_server, gateway):
+    port, link = gateway["port"], gateway["link"]
+    wait_until(lambda: source(port), 20, "the agent's status", [gateway["process"]])
+    link.unplug()
+    wait_until(lambda: source(port).get("connected") is False, 10, "the loss to be noticed")
+    before = len(stored(record_server))
+    link.plug()
+    wait_until(
+        lambda: agents.status(port)["sources"][0]["connected"], 20, "the port to be reopened", [gateway["process"]]
+    )
+    wait_until(lambda: len(stored(record_server)) > before + 3, 20, "health to flow again", [gateway["process"]])
+    counters = source(port)["counters"]
+    assert counters["disconnects"] >= 1 and counters["connects"] >= 2
+
+
+def test_a_forged_receipt_prunes_nothing(record_server, gateway):
+    port = gateway["port"]
+    wait_until(lambda: len(stored(record_server)) >= 3, 20, "the first events", [gateway["process"]])
+    record_server.stop()  # no real receipts from now on
+    wait_until(lambda: agents.status(port)["outbox"]["depth"] >= 5, 20, "a backlog", [gateway["process"]])
+    forger = keys.generate()
+    kid = keys.load_private(gateway["key"]).public.kid
+    publisher = Publisher(record_server.broker, "forger")
+    forged = receipts.sign(receipts.Receipt("gw-1", kid, 10**6, int(time.time() * 1000)), forger)
+    publisher.publish([("bt/v1/gw-1/receipts", forged)])
+    publisher.close()
+    wait_until(lambda: agents.status(port)["uplink"].get("receipts_refused", 0) >= 1, 10, "the forged receipt")
+    assert agents.status(port)["outbox"]["depth"] >= 5
+
+
+def test_an_unplugged_usb_can_adapter_is_reopened(tmp_path, record_server):
+    key = record_server.device("gw-can", "gateway")
+    link = PtyLink(tmp_path / "can0")
+    adapter = SlcanAdapter(link)
+    adapter.start()
+    player = Player(adapter, 0.002)
+    player.start_loop(lambda: gbt27930_frames(gbt27930_bms.Pack(), rounds=2), pause_s=0.1)
+    body = (
+        f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.can]\ninterface = "slcan"\nchannel = "{link.path}"\n'
+        "[slots.can.options]\nsleep_after_open = 0\n"
+    )
+    config, port = agents.write_config(
+        tmp_path / "gw.toml",
+        "gw-can",
+        key,
+        record_server.public.hex,
+        record_server.broker,
+        "gateway",
+        body,
+        health_interval_s=0.3,
+    )
+    agent = agents.start(config, tmp_path / "agent.log")
+    try:
+        wait_until(
+            lambda: (agents.status(port) or {}).get("sources", [{}])[0].get("counters", {}).get("frames"),
+            20,
+            "CAN frames",
+            [agent],
+        )
+        link.unplug()
+        wait_until(lambda: source(port).get("connected") is False, 10, "the loss to be noticed", [agent])
+        link.plug()
+        wait_until(lambda: agents.status(port)["sources"][0]["connected"], 20, "the adapter to be reopened", [agent])
+        frames = agents.status(port)["sources"][0]["counters"]["frames"]
+        wait_until(
+            lambda: agents.status(port)["sources"][0]["counters"]["frames"] > frames, 20, "frames again", [agent]
+        )
+        wait_until(lambda: record_server.events("health"), 20, "health events", [agent])
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=20)
+        player.stop()
+        adapter.stop()
+        link.close()
+    assert agent.returncode == 0
