@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -183,11 +184,31 @@ def _first_slot(config: AgentConfig) -> int:
     return config.slots[0].slot if config.slots else 1
 
 
+STOP_GRACE_S = 10.0
+
+
+def _force_exit() -> None:
+    """A stop that did not finish in time: say what was still running, then leave. Safe, because every
+    sealed event is already committed to the outbox; only in-flight publishing is cut short."""
+    for task in asyncio.all_tasks():
+        where = "; ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack(limit=8))
+        log.error("still running at stop: %s at %s", task.get_name(), where)
+    log.error("stop took longer than %.0f s; exiting anyway (the outbox is consistent)", STOP_GRACE_S)
+    logging.shutdown()
+    os._exit(0)
+
+
 async def run(config: AgentConfig) -> None:
     agent = Agent(config)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if main is not None:
+            main.cancel()
+        loop.call_later(STOP_GRACE_S, _force_exit)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
+        loop.add_signal_handler(sig, stop)
     with contextlib.suppress(asyncio.CancelledError):
         await agent.run()

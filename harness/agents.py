@@ -53,3 +53,17 @@ def status(port: int) -> dict[str, Any] | None:
             return json.loads(response.read())
     except OSError:
         return None
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM, and SIGKILL if it has not stopped in time (so a failed test leaves no agent behind)."""
+    import signal
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

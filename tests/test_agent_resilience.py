@@ -74,10 +74,7 @@ def gateway(tmp_path, record_server):
     }
     handle["process"] = agents.start(config, handle["log"])
     yield handle
-    process = handle["process"]
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+    agents.stop(handle["process"])
     bms.stop()
     link.close()
 
@@ -94,8 +91,7 @@ def assert_complete_and_intact(server, key_path: Path, sealed: int) -> None:
 def drain(server, gateway) -> int:
     """Stop the agent, then deliver what it sealed with the same key and outbox but no sensors (a
     submitter), so nothing new is sealed while we wait; returns how many events were sealed in all."""
-    gateway["process"].send_signal(signal.SIGTERM)
-    gateway["process"].wait(timeout=20)
+    agents.stop(gateway["process"])  # may land during start-up, before the handler: the outbox is safe anyway
     sealed = head(gateway["outbox"])
     text = gateway["config"].read_text().replace('kind = "gateway"', 'kind = "submitter"')
     quiet = gateway["config"].with_name("deliver.toml")
@@ -197,8 +193,7 @@ def test_an_unplugged_usb_can_adapter_is_reopened(tmp_path, record_server):
         )
         wait_until(lambda: record_server.events("health"), 20, "health events", [agent])
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=20)
+        agents.stop(agent)
         player.stop()
         adapter.stop()
         link.close()

@@ -3,7 +3,6 @@ label scanners, a PLC, a Daly BMS), a real mosquitto and a real collector storin
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,8 +104,7 @@ def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):
         trace = record_server.store.trace(PACK_A)
         assert trace["state"] == "in_vehicle" and trace["vin"] == VIN
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=20)
+        agents.stop(agent)
         for s in slots.values():
             s.close()
     assert agent.returncode == 0
@@ -160,7 +158,6 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
         bad = confirm("--replace-with", "NOT-A-CODE", "--vin", VIN)
         assert bad.returncode == 1 and "valid: 24 characters" in bad.stderr  # refused, with the rule broken
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=20)
+        agents.stop(agent)
         bms.stop()
         link.close()
