@@ -86,3 +86,27 @@ def test_only_a_receipt_signed_by_the_server_key_prunes(tmp_path):
     assert uplink.handle_receipt(receipts.sign(receipt, server)) == 2
     assert [p.seq for p in outbox.pending()] == [3]
     outbox.close()
+
+
+def test_over_the_disk_budget_health_is_thinned_and_lifecycle_events_still_sealed(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sealer = Sealer(outbox, keys.generate(), "station-1", budget_bytes=10**9)
+    for _ in range(20):
+        sealer.seal(draft())
+    size = outbox.size_bytes()
+    sealer.budget_bytes = int(size / 0.9)  # 90 %: thinning, one in four kept
+    kept = 0
+    for _ in range(8):
+        try:
+            sealer.seal(draft())
+            kept += 1
+        except Refused as exc:
+            assert exc.reason == "thinned"
+    assert kept == 2 and sealer.alarm is None
+    sealer.budget_bytes = size // 2  # far over: no health at all, lifecycle events sealed with an alarm
+    with pytest.raises(Refused):
+        sealer.seal(draft())
+    seq = sealer.seal(Draft("maintenance", "label", {"code": FIELDS["health"]["code"], "action": "repair"}, T0))
+    assert seq == 20 + kept + 1 and "over its disk budget" in sealer.alarm
+    assert sealer.refused["thinned"] == 7
+    outbox.close()
