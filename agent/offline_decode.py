@@ -151,7 +151,9 @@ def decode_dbc(frames: Iterable[CanFrame], decoder: DbcDecoder, printer: Printer
 
 
 def _plain(value: Any) -> Any:
-    return value if isinstance(value, int | float | str) else str(value)
+    if isinstance(value, float):
+        return round(value, 6)  # scaled DBC values carry binary noise (398.20000000000005)
+    return value if isinstance(value, int | str) else str(value)
 
 
 def decode_jbd(data: bytes, printer: Printer) -> None:
