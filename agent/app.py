@@ -165,7 +165,11 @@ class Agent:
         if self.config.control:
             host, port = self.config.control
             control = ControlServer(host, port, lambda: metrics.render(self), self.status, self.healthy, self.confirm)
-            await control.start()
+            try:
+                await control.start()
+            except OSError as exc:  # a busy port must not stop the agent from delivering events
+                log.error("no /metrics, /status or /confirm: cannot listen on %s:%d (%s)", host, port, exc.strerror)
+                control = None
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.uplink.run(self.config.status_interval_s))

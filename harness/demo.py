@@ -21,7 +21,7 @@ from pathlib import Path
 
 from firmware_stubs.jbd_bms import JbdBms, PackState
 from firmware_stubs.pty_link import PtyLink
-from harness.broker import Broker, BrokerUnavailable
+from harness.broker import Broker, BrokerUnavailable, free_port
 
 DEVICE = "gateway-demo-1"
 CODE = "0RJPEA00HAU0AAG1C3000123"
@@ -105,6 +105,7 @@ class Demo:
             f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nresend_after_s = 5\n'
             '[outbox]\npath = "outbox.sqlite"\n'
             '[site]\nkind = "gateway"\nhealth_interval_s = 1.0\n'
+            f'[observability]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[[slots]]\nslot = 1\ncode = "{CODE}"\n'
             f'[slots.serial]\nport = "{self.dir / "bms-slot1"}"\npoll_interval_s = 0.5\n'
         )
