@@ -89,9 +89,14 @@ class SerialStub:
                     break
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve, name=type(self).__name__, daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.serve, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
+        """Stop and wait for the serving thread: after this, the link can be closed safely (a thread still
+        holding the old descriptor number could otherwise read from whatever file opens next under it)."""
         self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)

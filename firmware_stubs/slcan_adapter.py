@@ -105,12 +105,16 @@ class SlcanAdapter:
         return self._write(data)
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve, name="slcan-adapter", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.serve, name="slcan-adapter", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
+        """Stop and wait for the serving thread, so the link can then be closed safely."""
         self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
 
 
 class Player:
@@ -136,12 +140,15 @@ class Player:
             self._stop.wait(pause_s)
 
     def start_loop(self, make_frames, pause_s: float = 0.5) -> threading.Thread:
-        thread = threading.Thread(target=self.loop, args=(make_frames, pause_s), daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.loop, args=(make_frames, pause_s), daemon=True)
+        self._thread.start()
+        return self._thread
 
     def stop(self) -> None:
         self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
 
 
 def gbt27930_frames(

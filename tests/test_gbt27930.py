@@ -32,7 +32,7 @@ REFERENCE = """
 
 def frames_of(text: str, step: float = 0.01) -> list[CanFrame]:
     out = []
-    for i, line in enumerate(l for l in text.strip().splitlines()):  # noqa: E741
+    for i, line in enumerate(text.strip().splitlines()):
         ident, *data = line.split()
         out.append(CanFrame(int(ident, 16), bytes.fromhex("".join(data)), i * step))
     return out

@@ -110,3 +110,42 @@ def test_scanner_drops_overlong_and_non_ascii_lines():
 def test_scanner_survives_arbitrary_bytes(data):
     for item in scanner.label_reader().feed(data):
         assert isinstance(item, Identity | DecodeError)
+
+
+@pytest.mark.parametrize("protocol", ["jbd", "daly"])
+def test_pollers_get_through_a_noisy_line(tmp_path, protocol):
+    """Noise, flipped bits, cut frames and wrong checksums: readings still arrive, the rest is counted."""
+    import asyncio
+
+    from agent.sources.serial_port import SerialSettings, serial_source
+    from firmware_stubs.jbd_bms import JbdBms
+    from firmware_stubs.pty_link import PtyLink
+    from firmware_stubs.serial_stub import Faults
+
+    faults = Faults(noise=0.3, bit_flip=0.15, truncate=0.1, bad_checksum=0.1, silent=0.05)
+    link = PtyLink(tmp_path / "bms")
+    stub = JbdBms(link, faults=faults, seed=3) if protocol == "jbd" else daly_bms.DalyBms(link, faults=faults, seed=3)
+    stub.start()
+    readings = []
+    source = serial_source(
+        1,
+        SerialSettings(str(link.path), protocol, poll_interval_s=0.01, timeout_s=0.15),
+        lambda slot, r: readings.append(r),
+    )
+
+    async def scenario() -> None:
+        task = asyncio.create_task(source.run())
+        for _ in range(150):
+            if sum(1 for r in readings if isinstance(r, Health) and r.voltage_v) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        stub.stop()
+        link.close()
+    voltages = {r.voltage_v for r in readings if isinstance(r, Health) and r.voltage_v}
+    assert voltages == {52.8 if protocol == "jbd" else 76.4}  # a damaged frame never yields a wrong value
+    assert sum(v for k, v in source.counters.items() if k.startswith("bad_frame:")) > 0
