@@ -12,10 +12,11 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 from agent import metrics
-from agent.battery_view import BatteryView
+from agent.battery_view import BatteryView, SlotState
 from agent.config import AgentConfig
 from agent.control import ControlServer
 from agent.decoders.station import StationCommand, parse
@@ -46,6 +47,8 @@ class Agent:
         self.uplink = Uplink(config.mqtt, self.outbox, config.device, self.key.public.kid, config.server_key)
         self.uplink.extra_status = self.status_summary
         self.view = BatteryView(self.bindings, config.absent_after_s)
+        self.slot_changes: Counter[str] = Counter()
+        self.view.listeners.append(self._slot_changed)
         for slot in config.slots:
             if slot.code:
                 self.view.set_code(slot.slot, slot.code, "label")
@@ -69,6 +72,10 @@ class Agent:
             self.sources.append(serial_source(line.slot, line.serial, self.reading))
         self.started = time.time()
         self.decode_errors = 0
+
+    def _slot_changed(self, what: str, slot: int, state: SlotState) -> None:
+        self.slot_changes[what] += 1
+        log.info("slot %s: battery %s (%s)", slot, what, state.code or state.secondary or "not identified yet")
 
     def seal(self, draft: Draft) -> int:
         seq = self.sealer.seal(draft)
@@ -129,6 +136,7 @@ class Agent:
                 for s in self.sources
             ],
             "bindings": dict(self.bindings.counters),
+            "slot_changes": dict(self.slot_changes),
             "workflow": dict(getattr(self.workflow, "counters", {})),
         }
 

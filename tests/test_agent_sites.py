@@ -101,6 +101,8 @@ def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):
         assert swap.source == "label"
         status = agents.status(port)
         assert status["workflow"]["swaps_sealed"] == 1 and status["bindings"]["bound"] == 2
+        assert status["slot_changes"]["inserted"] >= 2
+        wait_until(lambda: agents.status(port)["slot_changes"].get("removed"), 10, "slot 1 to be seen empty", [agent])
         trace = record_server.store.trace(PACK_A)
         assert trace["state"] == "in_vehicle" and trace["vin"] == VIN
     finally:
