@@ -158,7 +158,7 @@ def _plain(value: Any) -> Any:
 
 def decode_jbd(data: bytes, printer: Printer) -> None:
     names = {jbd.BASIC: "basic_info", jbd.CELLS: "cell_voltages", jbd.MODEL: "model"}
-    for item in jbd.FrameReader().feed(data):
+    for item in jbd.reader().feed(data):
         if isinstance(item, DecodeError):
             printer.problem(item.reason, str(item))
             continue
@@ -171,7 +171,7 @@ def decode_jbd(data: bytes, printer: Printer) -> None:
 
 
 def decode_daly(data: bytes, printer: Printer, charge_positive: bool = True) -> None:
-    for item in daly.FrameReader().feed(data):
+    for item in daly.reader().feed(data):
         if isinstance(item, DecodeError):
             printer.problem(item.reason, str(item))
             continue

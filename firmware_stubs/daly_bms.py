@@ -9,14 +9,11 @@ Run it on its own:  python -m firmware_stubs.daly_bms --link /tmp/daly-slot2
 
 from __future__ import annotations
 
-import argparse
-import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.serial_stub import Faults, SerialStub
+from firmware_stubs.serial_stub import Faults, SerialStub, run_cli
 
 
 @dataclass
@@ -99,18 +96,7 @@ class DalyBms(SerialStub):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Emulated Daly BMS on a pty (for the agent's serial source).")
-    p.add_argument("--link", required=True, help="symlink path to create for the serial port")
-    args = p.parse_args()
-    link = PtyLink(Path(args.link))
-    bms = DalyBms(link)
-    print(f"Daly BMS on {args.link} -> {os.readlink(args.link)}", flush=True)
-    try:
-        bms.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        link.close()
+    run_cli("Emulated Daly BMS on a pty (for the agent's serial source).", DalyBms)
 
 
 if __name__ == "__main__":

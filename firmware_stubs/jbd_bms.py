@@ -9,14 +9,11 @@ Run it on its own:  python -m firmware_stubs.jbd_bms --link /tmp/bms-slot1
 
 from __future__ import annotations
 
-import argparse
-import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.serial_stub import Faults, SerialStub
+from firmware_stubs.serial_stub import Faults, SerialStub, run_cli
 
 
 @dataclass
@@ -100,20 +97,7 @@ class JbdBms(SerialStub):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Emulated JBD BMS on a pty (for the agent's serial source).")
-    p.add_argument("--link", required=True, help="symlink path to create for the serial port")
-    p.add_argument("--noise", type=float, default=0.0)
-    p.add_argument("--bit-flip", type=float, default=0.0)
-    args = p.parse_args()
-    link = PtyLink(Path(args.link))
-    bms = JbdBms(link, faults=Faults(noise=args.noise, bit_flip=args.bit_flip))
-    print(f"JBD BMS on {args.link} -> {os.readlink(args.link)}", flush=True)
-    try:
-        bms.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        link.close()
+    run_cli("Emulated JBD BMS on a pty (for the agent's serial source).", JbdBms)
 
 
 if __name__ == "__main__":

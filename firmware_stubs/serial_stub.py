@@ -6,6 +6,7 @@ import os
 import random
 import select
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class SerialStub:
         self.requests = 0
         self._stop = threading.Event()
         self._buf = bytearray()
+        self._write_lock = threading.Lock()
 
     def parse_request(self, buf: bytearray) -> tuple[Any | None, int]:
         """(the first complete request in ``buf`` or None, how many bytes to drop from the front)."""
@@ -83,10 +85,20 @@ class SerialStub:
                 continue
             for request in self._requests():
                 self.requests += 1
-                try:
-                    os.write(fd, self.answer(request))
-                except OSError:
+                if not self.write(self.answer(request)):
                     break
+
+    def write(self, data: bytes) -> bool:
+        """Send bytes to the host; False when the link is unplugged."""
+        with self._write_lock:
+            fd = self.link.master
+            if fd is None:
+                return False
+            try:
+                os.write(fd, data)
+            except OSError:
+                return False
+            return True
 
     def start(self) -> threading.Thread:
         self._thread = threading.Thread(target=self.serve, name=type(self).__name__, daemon=True)
@@ -100,3 +112,22 @@ class SerialStub:
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2)
+
+
+def run_cli(description: str, build: Callable[[PtyLink], SerialStub]) -> None:
+    """The command line of a serial stub: a pty at --link, served until Ctrl-C."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--link", required=True, help="symlink path to create for the serial port")
+    args = p.parse_args()
+    link = PtyLink(Path(args.link))
+    stub = build(link)
+    print(f"{type(stub).__name__} on {args.link} -> {os.readlink(args.link)}", flush=True)
+    try:
+        stub.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.close()

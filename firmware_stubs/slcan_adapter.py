@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import select
 import threading
 import time
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from firmware_stubs import dbc_pack, gbt27930_bms
 from firmware_stubs.pty_link import PtyLink
+from firmware_stubs.serial_stub import SerialStub
 
 
 def slcan_line(arbitration_id: int, data: bytes, extended: bool = True) -> bytes:
@@ -30,16 +30,20 @@ def slcan_line(arbitration_id: int, data: bytes, extended: bool = True) -> bytes
     return f"t{arbitration_id:03X}{len(data)}{data.hex().upper()}\r".encode()
 
 
-class SlcanAdapter:
+class SlcanAdapter(SerialStub):
     def __init__(self, link: PtyLink) -> None:
-        self.link = link
+        super().__init__(link)
         self.is_open = threading.Event()
         self.commands: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._buf = bytearray()
 
-    def _reply(self, command: str) -> bytes:
+    def parse_request(self, buf: bytearray) -> tuple[str | None, int]:
+        end = buf.find(b"\r")
+        if end < 0:
+            return None, 0
+        return buf[:end].decode("ascii", errors="replace").strip() or None, end + 1
+
+    def answer(self, command: str) -> bytes:
+        self.commands.append(command)
         head = command[:1]
         if head in ("S", "s"):
             return b"\r"
@@ -49,72 +53,14 @@ class SlcanAdapter:
         if head == "C":
             self.is_open.clear()
             return b"\r"
-        if head == "V":
-            return b"V1013\r"
-        if head == "v":
-            return b"v1013\r"
-        if head == "N":
-            return b"NBT01\r"
-        if head == "T":
-            return b"Z\r"
-        if head == "t":
-            return b"z\r"
-        return b"\a"
-
-    def serve(self) -> None:
-        while not self._stop.is_set():
-            fd = self.link.master
-            if fd is None:
-                self._stop.wait(0.05)
-                continue
-            try:
-                ready, _, _ = select.select([fd], [], [], 0.05)
-                if not ready:
-                    continue
-                self._buf += os.read(fd, 256)
-            except OSError:
-                self._stop.wait(0.05)
-                continue
-            while b"\r" in self._buf:
-                line, _, rest = self._buf.partition(b"\r")
-                self._buf = bytearray(rest)
-                command = line.decode("ascii", errors="replace").strip()
-                if command:
-                    self.commands.append(command)
-                    self._write(self._reply(command))
-
-    def _write(self, data: bytes) -> bool:
-        with self._lock:
-            fd = self.link.master
-            if fd is None:
-                return False
-            try:
-                os.write(fd, data)
-            except OSError:
-                return False
-            return True
+        replies = {"V": b"V1013\r", "v": b"v1013\r", "N": b"NBT01\r", "T": b"Z\r", "t": b"z\r"}
+        return replies.get(head, b"\a")
 
     def send(self, arbitration_id: int, data: bytes, extended: bool = True) -> bool:
         """Put a frame on the bus; it reaches the host only while the channel is open."""
         if not self.is_open.is_set():
             return False
-        return self._write(slcan_line(arbitration_id, data, extended))
-
-    def send_raw(self, data: bytes) -> bool:
-        """Anything at all, as a broken adapter or a noisy line would send it."""
-        return self._write(data)
-
-    def start(self) -> threading.Thread:
-        self._thread = threading.Thread(target=self.serve, name="slcan-adapter", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self) -> None:
-        """Stop and wait for the serving thread, so the link can then be closed safely."""
-        self._stop.set()
-        thread = getattr(self, "_thread", None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
+        return self.write(slcan_line(arbitration_id, data, extended))
 
 
 class Player:

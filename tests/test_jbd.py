@@ -15,7 +15,7 @@ EXAMPLE = bytes.fromhex(
 
 
 def frames(data: bytes) -> list:
-    return jbd.FrameReader().feed(data)
+    return jbd.reader().feed(data)
 
 
 def test_read_requests_match_the_reference():
@@ -54,7 +54,7 @@ def test_stream_resynchronises_after_garbage_truncation_and_bad_checksums():
 
 
 def test_frames_split_across_reads_are_reassembled():
-    reader = jbd.FrameReader()
+    reader = jbd.reader()
     got = [item for byte in EXAMPLE for item in reader.feed(bytes([byte]))]
     assert len(got) == 1 and isinstance(got[0], jbd.Frame)
 
@@ -79,7 +79,7 @@ def test_bms_error_status_and_odd_cell_payloads_are_refused():
 
 @given(st.lists(st.binary(max_size=80), max_size=8))
 def test_arbitrary_bytes_yield_only_checked_frames_or_named_errors(chunks):
-    reader = jbd.FrameReader()
+    reader = jbd.reader()
     for chunk in chunks:
         for item in reader.feed(chunk):
             assert isinstance(item, jbd.Frame | DecodeError)

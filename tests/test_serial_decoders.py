@@ -14,7 +14,7 @@ EXAMPLE_ANSWER = bytes.fromhex("A5 01 90 08 02 FC 00 00 75 A1 00 00 52".replace(
 
 
 def frames(data: bytes) -> list:
-    return [f for f in daly.FrameReader().feed(data) if isinstance(f, daly.Frame)]
+    return [f for f in daly.reader().feed(data) if isinstance(f, daly.Frame)]
 
 
 def test_reference_request_and_answer():
@@ -58,8 +58,8 @@ def test_missing_parts_of_a_multi_frame_answer_are_named():
 def test_stream_resynchronises_and_checks_every_sum():
     broken = bytearray(EXAMPLE_ANSWER)
     broken[12] ^= 0xFF
-    out = daly.FrameReader().feed(b"\x00\xa5\x01" + bytes(broken) + EXAMPLE_ANSWER[:7])
-    reader = daly.FrameReader()
+    out = daly.reader().feed(b"\x00\xa5\x01" + bytes(broken) + EXAMPLE_ANSWER[:7])
+    reader = daly.reader()
     items = reader.feed(b"\x00\xa5\x01" + bytes(broken) + EXAMPLE_ANSWER[:7]) + reader.feed(EXAMPLE_ANSWER[7:])
     assert [i for i in items if isinstance(i, daly.Frame)] == frames(EXAMPLE_ANSWER)
     assert {e.reason for e in items if isinstance(e, DecodeError)} >= {"garbage", "bad_checksum"}
@@ -68,7 +68,7 @@ def test_stream_resynchronises_and_checks_every_sum():
 
 @given(st.lists(st.binary(max_size=40), max_size=8))
 def test_arbitrary_bytes_yield_checked_frames_or_named_errors(chunks):
-    reader = daly.FrameReader()
+    reader = daly.reader()
     for chunk in chunks:
         for item in reader.feed(chunk):
             if isinstance(item, daly.Frame):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from agent.decoders import framing
 from agent.readings import DecodeError, Health, Identity, Reading
 
 START = 0xA5
@@ -59,37 +60,17 @@ class Frame:
     data: bytes
 
 
-class FrameReader:
+def _checked(frame: bytes) -> Frame | DecodeError:
+    if frame[3] != 8:
+        return DecodeError("bad_length", f"length byte {frame[3]}, always 8")
+    if checksum(frame[:12]) != frame[12]:
+        return DecodeError("bad_checksum", f"sum 0x{frame[12]:02x} != 0x{checksum(frame[:12]):02x}")
+    return Frame(frame[1], frame[2], frame[4:12])
+
+
+def reader() -> framing.FrameReader[Frame]:
     """Splits a byte stream into checked 13-byte frames; yields DecodeError for what it skipped."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, chunk: bytes) -> list[Frame | DecodeError]:
-        self._buf += chunk
-        out: list[Frame | DecodeError] = []
-        while True:
-            start = self._buf.find(START)
-            if start < 0:
-                if self._buf:
-                    out.append(DecodeError("garbage", f"skipped {len(self._buf)} bytes without a start byte"))
-                self._buf.clear()
-                return out
-            if start:
-                out.append(DecodeError("garbage", f"skipped {start} bytes before a start byte"))
-                del self._buf[:start]
-            if len(self._buf) < FRAME_SIZE:
-                return out
-            frame = bytes(self._buf[:FRAME_SIZE])
-            if frame[3] != 8:
-                out.append(DecodeError("bad_length", f"length byte {frame[3]}, always 8"))
-            elif checksum(frame[:12]) != frame[12]:
-                out.append(DecodeError("bad_checksum", f"sum 0x{frame[12]:02x} != 0x{checksum(frame[:12]):02x}"))
-            else:
-                del self._buf[:FRAME_SIZE]
-                out.append(Frame(frame[1], frame[2], frame[4:12]))
-                continue
-            del self._buf[:1]  # a false start byte or a broken frame: look for the next start byte
+    return framing.FrameReader(START, lambda buf: FRAME_SIZE, _checked)
 
 
 def _u16(d: bytes, i: int) -> int:

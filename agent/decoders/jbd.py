@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.decoders import framing
 from agent.readings import DecodeError, Health, Identity
 
 START, END, READ = 0xDD, 0x77, 0xA5
@@ -53,39 +54,17 @@ class Frame:
     payload: bytes
 
 
-class FrameReader:
+def _frame_size(buf: bytearray) -> int | None:
+    return _HEADER + buf[3] + _TRAILER if len(buf) >= _HEADER else None
+
+
+def _checked(frame: bytes) -> Frame | DecodeError:
+    return _frame_problem(frame) or Frame(frame[1], frame[2], frame[_HEADER:-_TRAILER])
+
+
+def reader() -> framing.FrameReader[Frame]:
     """Splits a byte stream into response frames; yields DecodeError for what it had to skip."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[Frame | DecodeError]:
-        self._buf += data
-        out: list[Frame | DecodeError] = []
-        while True:
-            start = self._buf.find(START)
-            if start < 0:
-                if self._buf:
-                    out.append(DecodeError("garbage", f"skipped {len(self._buf)} bytes without a start byte"))
-                self._buf.clear()
-                return out
-            if start:
-                out.append(DecodeError("garbage", f"skipped {start} bytes before a start byte"))
-                del self._buf[:start]
-            if len(self._buf) < _HEADER:
-                return out
-            length = self._buf[3]
-            total = _HEADER + length + _TRAILER
-            if len(self._buf) < total:
-                return out  # wait for the rest; a lost tail is caught by the next frame's checks
-            frame = bytes(self._buf[:total])
-            problem = _frame_problem(frame)
-            if problem:
-                out.append(problem)
-                del self._buf[:1]  # the start byte was false or the frame broken: look for the next one
-                continue
-            del self._buf[:total]
-            out.append(Frame(frame[1], frame[2], frame[_HEADER:-_TRAILER]))
+    return framing.FrameReader(START, _frame_size, _checked)
 
 
 def _frame_problem(frame: bytes) -> DecodeError | None:

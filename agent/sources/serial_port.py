@@ -134,7 +134,7 @@ class JbdPoller(SerialSource):
     def _ask(self, port: serial.Serial, register: int) -> Reading | None:
         port.reset_input_buffer()
         port.write(jbd.read_request(register))
-        reader = jbd.FrameReader()
+        reader = jbd.reader()
         deadline = time.monotonic() + self.settings.timeout_s
         while time.monotonic() < deadline:
             for item in reader.feed(port.read(256)):
@@ -195,7 +195,7 @@ class DalyPoller(SerialSource):
     def _ask(self, port: serial.Serial, command: int, count: int) -> list[daly.Frame]:
         port.reset_input_buffer()
         port.write(daly.request(command, self.settings.address))
-        reader = daly.FrameReader()
+        reader = daly.reader()
         got: list[daly.Frame] = []
         deadline = time.monotonic() + self.settings.timeout_s
         while time.monotonic() < deadline and len(got) < count:
