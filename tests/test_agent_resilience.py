@@ -198,3 +198,46 @@ def test_an_unplugged_usb_can_adapter_is_reopened(tmp_path, record_server):
         adapter.stop()
         link.close()
     assert agent.returncode == 0
+
+
+def test_retained_status_and_last_will(tmp_path, record_server):
+    """Operators see the agent online with its backlog, and offline (the broker's last will) once it dies."""
+    import json
+
+    key = record_server.device("gw-lwt", "gateway")
+    link = PtyLink(tmp_path / "bms")
+    bms = JbdBms(link, PackState())
+    bms.start()
+    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
+    config, _ = agents.write_config(
+        tmp_path / "gw.toml",
+        "gw-lwt",
+        key,
+        record_server.public.hex,
+        record_server.broker,
+        "gateway",
+        body,
+        health_interval_s=0.3,
+    )
+    config.write_text(config.read_text().replace("[mqtt]\n", "[mqtt]\nkeepalive_s = 5\n"))
+    agent = agents.start(config, tmp_path / "agent.log")
+    watcher = Publisher(record_server.broker, "operator", subscribe="bt/v1/gw-lwt/status")
+    try:
+
+        def last() -> dict:
+            return json.loads(watcher.received[-1].payload) if watcher.received else {}
+
+        wait_until(lambda: last().get("state") == "online" and "backlog" in last(), 20, "an online status", [agent])
+        assert {"oldest_unreceipted_s", "time", "alarm", "sources_down"} <= set(last())
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        wait_until(lambda: last() == {"state": "offline"}, 20, "the last will")
+        late = Publisher(record_server.broker, "late-operator", subscribe="bt/v1/gw-lwt/status")
+        wait_until(lambda: late.received, 10, "the retained status")
+        assert json.loads(late.received[-1].payload) == {"state": "offline"}  # retained for whoever comes later
+        late.close()
+    finally:
+        watcher.close()
+        agents.stop(agent)
+        bms.stop()
+        link.close()

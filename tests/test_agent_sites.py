@@ -117,7 +117,11 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
     link = PtyLink(tmp_path / "daly")
     bms = DalyBms(link, DalyPack(code=PACK_A, soc_pct=47.5, cells_mv=[3301, 3302, 3290, 3305]))
     bms.start()
-    body = f'[[slots]]\nslot = 1\n[slots.serial]\nport = "{link.path}"\nprotocol = "daly"\npoll_interval_s = 0.3\n'
+    keypad = LineDevice(PtyLink(tmp_path / "keypad"))
+    body = (
+        f'[[slots]]\nslot = 1\n[slots.serial]\nport = "{link.path}"\nprotocol = "daly"\npoll_interval_s = 0.3\n'
+        f'[keypad]\nport = "{tmp_path / "keypad"}"\n'
+    )
     config, port = agents.write_config(
         tmp_path / "rig.toml",
         "rig-1",
@@ -146,7 +150,7 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
         replaced = confirm("--replace-with", PACK_B, "--vin", VIN, "--note", "capacity below 70 %")
         assert replaced.returncode == 0, replaced.stderr
         wait_until(lambda: record_server.events("replaced"), 20, "the replacement to be stored", [agent])
-        (service,) = record_server.events("maintenance")
+        service = record_server.events("maintenance")[0]
         assert service.fields["code"] == PACK_A and service.fields["action"] == "rebalance"
         assert service.fields["findings"] == "cell 3 low" and service.fields["health"]["soc_pct"] == 47.5
         assert service.source == "bms"
@@ -157,6 +161,9 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
             "code_in": PACK_B,
             "reason": "capacity below 70 %",
         }
+        keypad.send("CONFIRM inspection no defects found")
+        wait_until(lambda: len(record_server.events("maintenance")) == 2, 20, "the keypad's confirmation", [agent])
+        assert record_server.events("maintenance")[1].fields["findings"] == "no defects found"
         bad = confirm("--replace-with", "NOT-A-CODE", "--vin", VIN)
         assert bad.returncode == 1 and "valid: 24 characters" in bad.stderr  # refused, with the rule broken
     finally:
