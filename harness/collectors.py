@@ -19,12 +19,14 @@ def write_config(
     batch_ms: float = 20,
     batch_max: int = 500,
     receive_max: int = 2000,
+    web_port: int | None = None,
 ) -> Path:
     path.write_text(
         f'[store]\nurl = "{store_url}"\n'
         f'[server]\nkey = "{key}"\n'
         f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nclient_id = "{client_id}"\n'
         f"[intake]\nbatch_ms = {batch_ms}\nbatch_max = {batch_max}\nreceive_max = {receive_max}\n"
+        f'[web]\nlisten = "{f"127.0.0.1:{web_port}" if web_port else "off"}"\n'
     )
     return path
 

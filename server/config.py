@@ -20,11 +20,18 @@ from server.store import RuleSettings
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    listen: tuple[str, int] | None  # None: no dashboard, /metrics or /healthz
+    token_path: Path  # the dashboard's access token; created (0600) on first start
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     store_url: str
     key_path: Path
     intake: IntakeSettings
     rules: RuleSettings
+    web: WebSettings
 
 
 def home() -> Path:
@@ -36,7 +43,8 @@ def home() -> Path:
 
 def defaults() -> ServerConfig:
     base = home()
-    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings(), RuleSettings())
+    web = WebSettings(("127.0.0.1", 8080), base / "web.token")
+    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings(), RuleSettings(), web)
 
 
 def load(path: Path | None) -> ServerConfig:
@@ -87,5 +95,19 @@ def load(path: Path | None) -> ServerConfig:
         gap_minutes=r.number("gap_minutes", 60.0, low=0.0, high=525600),
     )
     r.finish()
+    w = root.section("web")
+    listen = _listen(w, "listen", "127.0.0.1:8080")
+    token_path = w.path("token_file", str(key_path.parent / "web.token"))
+    w.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake, rule_settings)
+    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path))
+
+
+def _listen(s: Section, key: str, default: str) -> tuple[str, int] | None:
+    text = s.text(key, default)
+    if text == "off":
+        return None
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise s.error(key, "must be HOST:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080 (or 'off')")
+    return host.strip("[]"), int(port)

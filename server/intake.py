@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 
 from protocol import topics
 from protocol.keys import PrivateKey
-from server import receipts
+from server import metrics, receipts
 from server.records import Accepted, Rejected
 from server.store import CommitResult, Store, StoreUnavailable
 from server.verify import Parsed, check, parse
@@ -109,10 +109,12 @@ class Collector:
             log.error("the broker refused the subscription to %s: %s", topics.SHARED_EVENTS, reasons)
             return
         self.connected.set()
+        metrics.BROKER_UP.set(1)
         log.info("collector %s subscribed to %s", self.settings.client_id, topics.SHARED_EVENTS)
 
     def _on_disconnect(self, client: mqtt.Client, *args: object) -> None:
         self.connected.clear()
+        metrics.BROKER_UP.set(0)
         self.count("disconnects")
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
@@ -193,6 +195,10 @@ class Collector:
         return batch
 
     def verify(self, batch: list[mqtt.MQTTMessage], now: float) -> tuple[list[Accepted], list[Rejected]]:
+        with metrics.VERIFY.time():
+            return self._verify(batch, now)
+
+    def _verify(self, batch: list[mqtt.MQTTMessage], now: float) -> tuple[list[Accepted], list[Rejected]]:
         parsed: list[Parsed | Rejected] = [
             parse(m.topic, bytes(m.payload), self.settings.max_message_bytes) for m in batch
         ]
@@ -206,25 +212,35 @@ class Collector:
             else:
                 rejected.append(outcome)
                 self.count(f"rejected:{outcome.reason}")
+                metrics.REJECTED.labels(outcome.reason).inc()
                 log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
         return accepted, rejected
 
     def commit(self, item: Verified, stop: threading.Event | None = None) -> bool:
         """Commit, then acknowledge and send receipts. False when stopped before it could commit."""
-        result: CommitResult | None = self._retrying(
-            lambda: self.store.commit(item.accepted, item.rejected, item.received_at), stop
-        )
+
+        def commit() -> CommitResult:
+            with metrics.COMMIT.time():
+                return self.store.commit(item.accepted, item.rejected, item.received_at)
+
+        result: CommitResult | None = self._retrying(commit, stop)
         if result is None:
             return False  # never acknowledged: the broker delivers these again
         self.count("received", len(item.batch))
         self.count("stored", result.stored)
         self.count("duplicates", result.duplicates)
         self.count("findings", result.findings)
+        metrics.BATCH.observe(len(item.batch))
+        metrics.MESSAGES.labels("accepted").inc(result.stored)
+        metrics.MESSAGES.labels("duplicate").inc(result.duplicates)
+        metrics.MESSAGES.labels("rejected").inc(result.quarantined)
+        metrics.FINDINGS.inc(result.findings)
         for message in item.batch:  # only now: everything in the batch is durable
             self.client.ack(message.mid, message.qos)
         for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(time.time() * 1000)):
             self.client.publish(topic, receipt, qos=1)
             self.count("receipts")
+            metrics.RECEIPTS.inc()
         return True
 
     def _retrying(self, work: Callable[[], T], stop: threading.Event | None) -> T | None:
@@ -238,6 +254,7 @@ class Collector:
                     log.error("store unavailable, holding messages unacknowledged: %s", exc)
                 self.store_ok.clear()
                 self.count("store_failures")
+                metrics.STORE_FAILURES.inc()
                 if stop is not None and stop.wait(backoff):
                     return None
                 backoff = min(backoff * 2, 5.0)

@@ -1,11 +1,15 @@
-"""``run``: the collector, until SIGTERM or Ctrl-C."""
+"""``run``: the collector, the device status listener and the web (dashboard, JSON API, /metrics,
+/healthz), until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import threading
+from pathlib import Path
 
 from server.cli.common import OK, add_config, config
 from server.cli.registry import server_key
@@ -13,9 +17,24 @@ from server.cli.registry import server_key
 log = logging.getLogger("battery-server")
 
 
+def web_token(path: Path) -> str:
+    """The dashboard's access token; created from the OS RNG (mode 0600) the first time."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+        log.warning("created the dashboard's access token at %s", path)
+    return path.read_text().strip()
+
+
 def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from server.intake import Collector
     from server.store import Store, StoreUnavailable
+    from server.web.app import create_app
+    from server.web.status_listener import StatusListener
 
     cfg = config(args)
     key = server_key(cfg.key_path)
@@ -35,9 +54,32 @@ def run(args: argparse.Namespace) -> int:
     collector = Collector(cfg.intake, store, key)
     log.info("server key %s; store %s; broker %s:%s", key.public.hex, cfg.store_url, cfg.intake.host, cfg.intake.port)
     collector.start()
+    web = listener = web_thread = None
+    if cfg.web.listen:
+        host, port = cfg.web.listen
+        token = web_token(cfg.web.token_path)
+
+        def healthy() -> tuple[bool, str]:
+            problems = [] if collector.connected.is_set() else ["not subscribed at the broker"]
+            if not collector.store_ok.is_set():
+                problems.append("store unavailable")
+            return not problems, "; ".join(problems) or "ok"
+
+        app = create_app(store, token, healthy)
+        web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+        web_thread = threading.Thread(target=web.run, name="web", daemon=True)
+        web_thread.start()
+        listener = StatusListener(cfg.intake.host, cfg.intake.port, f"{cfg.intake.client_id}-status", store)
+        listener.start()
+        log.info("dashboard: http://%s:%d/?token=%s", host, port, token)
     try:
         collector.run(stop)
     finally:
+        if web is not None and web_thread is not None:
+            web.should_exit = True
+            web_thread.join(timeout=10)
+        if listener is not None:
+            listener.stop()
         collector.stop()
         store.close()
         log.info("stopped: %s", dict(collector.counters))
@@ -47,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "run",
-        help="run the collector",
+        help="run the collector and the dashboard",
         description="Subscribe to every device's events (shared subscription), verify, store in batches, "
-        "acknowledge after commit and send signed receipts. Stops cleanly on SIGTERM or Ctrl-C.",
+        "acknowledge after commit and send signed receipts; serve the dashboard, its JSON API, /metrics and "
+        "/healthz ([web] listen). Prints the dashboard's address with its token. Stops cleanly on SIGTERM.",
         epilog="example:\n  battery-server run -c configs/server.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

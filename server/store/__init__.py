@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from protocol.keys import PublicKey
 from server.records import Accepted, KeyRecord, Rejected
@@ -105,6 +106,42 @@ class Store:
     def rejects(self, reason: str | None = None, since: float | None = None, limit: int = 100) -> list[dict]:
         with self.db.reading() as tx:
             return queries.rejects(tx, reason, since, limit)
+
+    def record_status(self, device: str, status: dict[str, Any], at: float) -> None:
+        """What a device says on its retained status topic; kept for the dashboard, not as evidence."""
+
+        def num(key: str) -> float | None:
+            value = status.get(key)
+            return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+        state = status.get("state") if status.get("state") in ("online", "offline") else "unknown"
+        alarm = status.get("alarm") if isinstance(status.get("alarm"), str) else None
+        reported = num("time")
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO device_status (device, state, backlog, oldest_unreceipted_s, alarm, reported_at, "
+                "received_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO UPDATE SET state = excluded.state, "
+                "backlog = COALESCE(excluded.backlog, device_status.backlog), "
+                "oldest_unreceipted_s = COALESCE(excluded.oldest_unreceipted_s, device_status.oldest_unreceipted_s), "
+                "alarm = excluded.alarm, reported_at = excluded.reported_at, received_at = excluded.received_at",
+                (
+                    device,
+                    state,
+                    num("backlog"),
+                    num("oldest_unreceipted_s"),
+                    alarm,
+                    reported / 1000 if reported else None,
+                    at,
+                ),
+            )
+
+    def overview(self, now: float, window_s: float = 1800, bucket_s: float = 10) -> dict[str, Any]:
+        with self.db.reading() as tx:
+            return queries.overview(tx, now, window_s, bucket_s)
+
+    def devices_overview(self) -> list[dict[str, Any]]:
+        with self.db.reading() as tx:
+            return queries.devices_overview(tx)
 
     def export(self, since: float, until: float, by_time: bool = False) -> Iterator[tuple]:
         """Rows (device, kid, seq, type, vin, time_ms, received_at, fields, hash, envelope), streamed."""

@@ -39,6 +39,10 @@ class Dialect:
     def sql(self, text: str) -> str:
         return text if self.name == "sqlite" else text.replace("?", "%s")
 
+    def floor(self, expr: str) -> str:
+        """An integer floor of a non-negative number (PostgreSQL's CAST rounds, SQLite's truncates)."""
+        return f"CAST(({expr}) AS INTEGER)" if self.name == "sqlite" else f"CAST(FLOOR({expr}) AS BIGINT)"
+
 
 SQLITE = Dialect("sqlite", "BLOB", "REAL", "INTEGER PRIMARY KEY AUTOINCREMENT", "BEGIN IMMEDIATE", "")
 POSTGRES = Dialect(

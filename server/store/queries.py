@@ -245,3 +245,57 @@ def export_rows(tx: Tx, since: float, until: float, by_time: bool) -> Any:
     for r in cursor:
         row = tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
         yield (*row[:7], event_fields(row[8]), *row[7:])
+
+
+def overview(tx: Tx, now: float, window_s: float, bucket_s: float) -> dict[str, Any]:
+    """The dashboard's figures: totals, ingest per time bucket, rejects by reason, findings by kind."""
+    since = now - window_s
+    bucket = tx.dialect.floor("received_at / ?")
+    accepted = tx.all(f"SELECT {bucket}, COUNT(*) FROM events WHERE received_at >= ? GROUP BY 1", (bucket_s, since))
+    refused = tx.all(f"SELECT {bucket}, COUNT(*) FROM quarantine WHERE received_at >= ? GROUP BY 1", (bucket_s, since))
+    first = int(since // bucket_s) + 1
+    buckets = range(first, int(now // bucket_s) + 1)
+    acc, rej = dict(accepted), dict(refused)
+    return {
+        "time": now,
+        "totals": counts(tx),
+        "devices": tx.value("SELECT COUNT(*) FROM devices"),
+        "devices_online": tx.value("SELECT COUNT(*) FROM device_status WHERE state = 'online'"),
+        "batteries": tx.value("SELECT COUNT(*) FROM batteries"),
+        "vehicles": tx.value("SELECT COUNT(*) FROM vehicles"),
+        "ingest": {
+            "bucket_s": bucket_s,
+            "buckets": [{"start": b * bucket_s, "accepted": acc.get(b, 0), "rejected": rej.get(b, 0)} for b in buckets],
+        },
+    }
+
+
+def devices_overview(tx: Tx) -> list[dict[str, Any]]:
+    """Every device with its role, chain, what it last said about itself, and when it was last heard."""
+    rows = tx.all(
+        "SELECT d.device, d.role, d.org, s.state, s.backlog, s.oldest_unreceipted_s, s.alarm, s.received_at, "
+        "(SELECT MAX(c.last_received_at) FROM chains c WHERE c.device = d.device), "
+        "(SELECT CAST(COALESCE(SUM(c.watermark), 0) AS BIGINT) FROM chains c WHERE c.device = d.device), "
+        "(SELECT COUNT(*) FROM chains c WHERE c.device = d.device AND c.max_seq > c.watermark), "
+        "(SELECT COUNT(*) FROM findings f WHERE f.subject = 'device:' || d.device AND f.kind = 'chain_break' "
+        "AND f.resolved_at IS NULL), "
+        "(SELECT COUNT(*) FROM quarantine q WHERE q.device = d.device) "
+        "FROM devices d LEFT JOIN device_status s ON s.device = d.device ORDER BY d.device"
+    )
+    return [
+        {
+            "device": r[0],
+            "role": r[1],
+            "org": r[2],
+            "state": r[3] or "unknown",
+            "backlog": r[4],
+            "lag_s": r[5],
+            "alarm": r[6],
+            "status_at": r[7],
+            "last_event_at": r[8],
+            "stored": r[9],
+            "chain": "broken" if r[11] else ("gaps" if r[10] else "intact"),
+            "quarantined": r[12],
+        }
+        for r in rows
+    ]

@@ -109,4 +109,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX findings_open ON findings (resolved_at, kind);
     CREATE INDEX findings_subject ON findings (subject);
     """,
+    # 3: what devices last said about themselves on their retained status topic (not evidence)
+    """
+    CREATE TABLE device_status (
+        device TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        backlog BIGINT,
+        oldest_unreceipted_s {real},
+        alarm TEXT,
+        reported_at {real},
+        received_at {real} NOT NULL
+    );
+    """,
 )

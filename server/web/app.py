@@ -1,0 +1,157 @@
+"""The dashboard and its JSON API (documented in docs/api.md): read-only, token-protected, no external
+CDN (every asset is served from here, so it works on a site without internet).
+
+The token comes in as ``Authorization: Bearer <token>``, or once as ``?token=`` in the dashboard's
+address, after which a cookie (HttpOnly, SameSite=Strict) carries it. ``/healthz`` and ``/metrics``
+are open, for load balancers and Prometheus; bind the listener to an internal address.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from protocol.battery_code import normalise
+from server import metrics
+from server.rules import FINDING_KINDS
+from server.store import Store, StoreUnavailable
+from server.verify import REASONS
+
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/healthz", "/metrics", "/static/")
+COOKIE = "bt_token"
+
+
+class TokenAuth(BaseHTTPMiddleware):
+    def __init__(self, app: Any, token: str) -> None:
+        super().__init__(app)
+        self.token = token
+
+    def _valid(self, candidate: str | None) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        path = request.url.path
+        if path.startswith(OPEN_PATHS):
+            return await call_next(request)
+        query = request.query_params.get("token")
+        if self._valid(query):  # the address the server printed: move the token into a cookie, out of the URL
+            response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
+            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict")
+            return response
+        header = request.headers.get("authorization", "")
+        bearer = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        if self._valid(bearer) or self._valid(request.cookies.get(COOKIE)):
+            return await call_next(request)
+        if path.startswith("/api/"):
+            return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+        return PlainTextResponse(
+            "Open the dashboard with the address the server printed (it holds the token).\n", status_code=401
+        )
+
+
+def _number(request: Request, name: str, default: float, low: float, high: float) -> float:
+    try:
+        value = float(request.query_params.get(name, default))
+    except ValueError:
+        return default
+    return min(max(value, low), high)
+
+
+def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]) -> Starlette:
+    metrics.DEVICES.read = lambda: _device_counts(store)
+
+    async def read(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await run_in_threadpool(fn, *args)
+        except StoreUnavailable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+
+    def json_or(result: Any, missing: str) -> Response:
+        if isinstance(result, Response):
+            return result
+        if result is None:
+            return JSONResponse({"error": missing}, status_code=404)
+        return JSONResponse(result)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def healthz(request: Request) -> Response:
+        ok, why = await run_in_threadpool(healthy)
+        return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def overview(request: Request) -> Response:
+        window = _number(request, "window_s", 1800, 60, 86400)
+        bucket = _number(request, "bucket_s", 10, 1, 3600)
+        return json_or(await read(store.overview, time.time(), window, bucket), "")
+
+    async def devices(request: Request) -> Response:
+        return json_or(await read(store.devices_overview), "")
+
+    async def device(request: Request) -> Response:
+        name = request.path_params["device"]
+        return json_or(await read(store.device, name), f"{name} is not enrolled")
+
+    async def battery(request: Request) -> Response:
+        code = normalise(request.path_params["code"])
+        return json_or(await read(store.trace, code), f"no event in the record names battery {code}")
+
+    async def vehicle(request: Request) -> Response:
+        vin = request.path_params["vin"].strip().upper()
+        return json_or(await read(store.vehicle, vin), f"no event in the record names vehicle {vin}")
+
+    async def findings(request: Request) -> Response:
+        kind = request.query_params.get("kind") or None
+        if kind is not None and kind not in FINDING_KINDS:
+            return JSONResponse({"error": f"kind {kind!r}; valid: {', '.join(FINDING_KINDS)}"}, status_code=400)
+        open_only = request.query_params.get("open", "") in ("1", "true", "yes")
+        return json_or(await read(store.findings, open_only, kind), "")
+
+    async def rejects(request: Request) -> Response:
+        reason = request.query_params.get("reason") or None
+        if reason is not None and reason not in REASONS:
+            return JSONResponse({"error": f"reason {reason!r}; valid: {', '.join(REASONS)}"}, status_code=400)
+        limit = int(_number(request, "limit", 100, 1, 1000))
+        rows = await read(store.rejects, reason, None, limit)
+        if isinstance(rows, list):
+            for row in rows:
+                row.pop("raw")  # the raw bytes stay in the record: `battery-server rejects --raw`
+        return json_or(rows, "")
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/metrics", prometheus),
+        Route("/api/overview", overview),
+        Route("/api/devices", devices),
+        Route("/api/devices/{device}", device),
+        Route("/api/batteries/{code}", battery),
+        Route("/api/vehicles/{vin}", vehicle),
+        Route("/api/findings", findings),
+        Route("/api/rejects", rejects),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(TokenAuth, token=token)
+    return app
+
+
+def _device_counts(store: Store) -> tuple[int, int]:
+    summary = store.overview(time.time(), 60, 60)
+    return summary["devices_online"], summary["devices"]
