@@ -33,3 +33,44 @@ def test_readme_commands_exist():
         "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
         or "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
     )
+
+
+def test_every_api_route_is_documented():
+    from server.store import Store
+    from server.web.app import create_app
+
+    doc = (ROOT / "docs" / "api.md").read_text()
+    app = create_app(Store.__new__(Store), "t", lambda: (True, "ok"))
+    paths = [r.path for r in app.routes if getattr(r, "path", "").startswith(("/api", "/metrics", "/healthz"))]
+    assert paths
+    for path in paths:
+        assert f"`GET {path}`" in doc, path
+
+
+def test_integrator_guide_names_every_plc_and_keypad_command_and_site_kind():
+    from agent.config import SITE_KINDS
+
+    guide = (ROOT / "docs" / "integrator-guide.md").read_text()
+    for word in ("VEHICLE <VIN>", "OUT <slot>", "IN <slot>", "DONE", "ABORT", "CONFIRM <action>", "REPLACE <new code>"):
+        assert word in guide, word
+    for kind in SITE_KINDS:
+        assert kind.replace("_", "-") in guide or kind in guide, kind
+
+
+def test_the_grafana_dashboard_queries_metrics_that_exist():
+    import json
+    import re
+
+    from server import metrics
+
+    dashboard = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    server_names = {m.name for m in metrics.REGISTRY.collect()} | {
+        "bt_server_devices_online",
+        "bt_server_devices_enrolled",
+    }
+    agent_names = {
+        n.removesuffix("_total") for n in re.findall(r'"(bt_agent_\w+)"', (ROOT / "agent" / "metrics.py").read_text())
+    }
+    for name in set(re.findall(r"\b(bt_(?:server|agent)_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\b", exprs)):
+        assert name in server_names | agent_names, name
