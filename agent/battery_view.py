@@ -100,6 +100,22 @@ class BatteryView:
             if bound:
                 state.code, state.code_source = bound, "binding"
 
+    def vacate(self, slot: int) -> None:
+        """The battery on ``slot`` is known to have left (a PLC said so): forget it now, not after the
+        silence timeout, so the next battery's identity can never be confused with it."""
+        state = self.slots.get(slot)
+        if state is None or state.seen_at is None:
+            return
+        self._notify("removed", slot, state)
+        self.slots[slot] = self._fresh(state)
+
+    @staticmethod
+    def _fresh(state: SlotState) -> SlotState:
+        fresh = SlotState()
+        if state.fixed:
+            fresh.code, fresh.code_source, fresh.fixed = state.code, state.code_source, True
+        return fresh
+
     def expire(self, now: float | None = None) -> list[int]:
         """Slots whose battery stopped talking: cleared, and reported as removed."""
         now = time.time() if now is None else now
@@ -107,9 +123,6 @@ class BatteryView:
         for slot, state in self.slots.items():
             if state.seen_at is not None and now - state.seen_at > self.absent_after_s:
                 self._notify("removed", slot, state)
-                fresh = SlotState()
-                if state.fixed:
-                    fresh.code, fresh.code_source, fresh.fixed = state.code, state.code_source, True
-                self.slots[slot] = fresh
+                self.slots[slot] = self._fresh(state)
                 gone.append(slot)
         return gone

@@ -5,46 +5,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from firmware_stubs import gbt27930_bms
+from firmware_stubs.can_slot import CanSlot
 from firmware_stubs.daly_bms import DalyBms, DalyPack
 from firmware_stubs.line_device import LineDevice
 from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
 from harness import agents
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 PACK_A, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
 VIN = "LNBSCB3F5PW123456"
-
-
-class CanSlot:
-    """A slot's CAN bus: an slcan adapter on a pty, and a GB/T 27930 BMS that can be put in and taken out."""
-
-    def __init__(self, path: Path) -> None:
-        self.link = PtyLink(path)
-        self.adapter = SlcanAdapter(self.link)
-        self.adapter.start()
-        self.player: Player | None = None
-
-    def insert(self, pack: gbt27930_bms.Pack) -> None:
-        self.remove()
-        self.player = Player(self.adapter, 0.002)
-        self.player.start_loop(lambda: gbt27930_frames(pack, rounds=3), pause_s=0.2)
-
-    def remove(self) -> None:
-        if self.player:
-            self.player.stop()
-            self.player = None
-
-    def close(self) -> None:
-        self.remove()
-        self.adapter.stop()
-        self.link.close()
 
 
 def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):

@@ -13,20 +13,22 @@ from agent.battery_view import BatteryView
 from agent.sealer import Draft, Refused
 
 
-def health_drafts(view: BatteryView, now: float, max_age_s: float) -> list[Draft]:
-    """One health draft per slot whose identity is known and whose health is fresh."""
+def health_drafts(view: BatteryView, now: float, max_age_s: float, since: dict[int, float]) -> list[Draft]:
+    """One health draft per slot whose identity is known and whose health is fresh and new since the
+    slot's last snapshot (``since``, updated here): a pack that stopped talking is not reported again."""
     drafts = []
     for slot, state in sorted(view.slots.items()):
         if state.code is None or state.code_source is None or state.health_at is None:
             continue
-        if now - state.health_at > max_age_s:
-            continue  # a stale reading is not a snapshot of now
+        if now - state.health_at > max_age_s or state.health_at <= since.get(slot, 0.0):
+            continue  # a stale reading, or one already reported, is not a snapshot of now
+        since[slot] = state.health_at
         health = state.health.to_event()
         if not health:
             continue
-        drafts.append(
-            Draft("health", state.code_source, {"code": state.code, "health": health, "slot": slot}, int(now * 1000))
-        )
+        # The event's time is when the health was measured, not when the snapshot was taken.
+        fields = {"code": state.code, "health": health, "slot": slot}
+        drafts.append(Draft("health", state.code_source, fields, int(state.health_at * 1000)))
     return drafts
 
 
@@ -36,12 +38,13 @@ class Gateway:
         self.seal = seal
         self.health_interval_s = health_interval_s
         self._next_health = time.time() + health_interval_s
+        self._reported: dict[int, float] = {}
 
     def tick(self, now: float) -> None:
         """Called about once a second: snapshots when they are due."""
         if now < self._next_health:
             return
         self._next_health = now + self.health_interval_s
-        for draft in health_drafts(self.view, now, max_age_s=max(3 * self.health_interval_s, 10)):
+        for draft in health_drafts(self.view, now, max(3 * self.health_interval_s, 10), self._reported):
             with contextlib.suppress(Refused):  # logged and counted by the sealer
                 self.seal(draft)

@@ -61,13 +61,15 @@ class SwapStation(Gateway):
             self.counters["commands_without_vehicle"] += 1
             log.warning("PLC said %s with no vehicle in the bay", cmd.verb)
             return
-        if cmd.verb == "OUT":
+        if cmd.verb == "OUT" and cmd.slot is not None:
             swap.slot_out = cmd.slot
+            self.view.vacate(cmd.slot)  # whatever was known about this slot belongs to an earlier battery
         elif cmd.verb == "IN" and cmd.slot is not None:
             swap.slot_in = cmd.slot
             leaving = self.view.slot(cmd.slot)
             swap.code_in, swap.source_in = leaving.code, leaving.code_source
             swap.health_in = leaving.health.to_event()
+            self.view.vacate(cmd.slot)
         elif cmd.verb == "ABORT":
             self.counters["swaps_aborted"] += 1
             self.current = None

@@ -56,7 +56,9 @@ def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> 
     ]
 
 
-def event_rows(tx: Tx, where: str, params: list[Any], order: str = "e.device_time_ms, e.received_at") -> list[dict]:
+def event_rows(
+    tx: Tx, where: str, params: list[Any], order: str = "e.device_time_ms, e.received_at, e.kid, e.seq"
+) -> list[dict]:
     rows = tx.all(
         "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash "
         f"FROM events e WHERE {where} ORDER BY {order}",
