@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a machine to run battery-trace: Python >= 3.11 with venv, the project in .venv, the
 # mosquitto broker (the demo and the integration tests start private brokers of their own) and, when
-# BT_NEED_POSTGRES is set (the tests), PostgreSQL's server programs for private test clusters.
+# BT_NEED_POSTGRES is set (the tests), PostgreSQL's server programs for private test clusters and
+# Chromium with its driver for the dashboard's browser test.
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it only does what is missing).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,6 +93,14 @@ if [ -n "${BT_NEED_POSTGRES:-}" ]; then
   fi
   if [ -z "$(find_initdb)" ]; then
     say "need PostgreSQL's server programs (initdb, pg_ctl). On Debian/Ubuntu: sudo apt-get install postgresql"
+    exit 1
+  fi
+  # ...and the dashboard in a headless browser.
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    apt_install chromium chromium-driver || true
+  fi
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    say "need Chromium and its driver for the browser test. On Debian: sudo apt-get install chromium chromium-driver"
     exit 1
   fi
 fi
