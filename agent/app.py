@@ -138,6 +138,7 @@ class Agent:
             "bindings": dict(self.bindings.counters),
             "slot_changes": dict(self.slot_changes),
             "workflow": dict(getattr(self.workflow, "counters", {})),
+            **({"bay": self.workflow.bay()} if isinstance(self.workflow, SwapStation) else {}),
         }
 
     def healthy(self) -> tuple[bool, str]:

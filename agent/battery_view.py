@@ -27,6 +27,7 @@ class SlotState:
     health: Health = field(default_factory=Health)
     health_at: float | None = None
     seen_at: float | None = None
+    arrived_at: float | None = None  # the first reading of this battery on this slot
     fixed: bool = False  # the code comes from configuration (a pack permanently wired to a gateway)
 
     @property
@@ -68,7 +69,7 @@ class BatteryView:
         now = time.time() if at is None else at
         state = self.slot(slot)
         if state.seen_at is None:
-            state.seen_at = now
+            state.seen_at = state.arrived_at = now
             self._notify("inserted", slot, state)
         state.seen_at = now
         if isinstance(reading, Health):
@@ -100,11 +101,17 @@ class BatteryView:
             if bound:
                 state.code, state.code_source = bound, "binding"
 
-    def vacate(self, slot: int) -> None:
+    def vacate(self, slot: int, arrived_before: float | None = None) -> None:
         """The battery on ``slot`` is known to have left (a PLC said so): forget it now, not after the
-        silence timeout, so the next battery's identity can never be confused with it."""
+        silence timeout, so the next battery's identity can never be confused with it.
+
+        ``arrived_before`` spares a battery that arrived after that moment: serial sources race, so
+        the scanner may read the battery placed in a slot before the PLC line saying so is handled.
+        """
         state = self.slots.get(slot)
         if state is None or state.seen_at is None:
+            return
+        if arrived_before is not None and state.arrived_at is not None and state.arrived_at >= arrived_before:
             return
         self._notify("removed", slot, state)
         self.slots[slot] = self._fresh(state)

@@ -140,11 +140,17 @@ class Demo:
         before = self._stored("swapped")
         station.plc.send(f"VEHICLE {vin}")
         station.plc.send(f"OUT {out_slot}")
+        # The robot puts the battery in its slot once the PLC has announced it, as a real bay does.
+        self._wait("the station to see the vehicle in the bay", lambda: self._bay(station).get("slot_out") == out_slot)
         station.put(out_slot, out_code, out_pack)
         station.plc.send(f"IN {in_slot}")
         station.slots[in_slot].remove()
         station.plc.send("DONE")
         self._wait(f"the swap of {vin} to be stored", lambda: self._stored("swapped") > before)
+
+    @staticmethod
+    def _bay(station: SwapStation) -> dict[str, Any]:
+        return station.status().get("bay") or {}
 
     def _slot_ready(self, station: SwapStation, slot: int, code: str) -> bool:
         """The station knows the battery in the slot: its code, and some health from its BMS."""

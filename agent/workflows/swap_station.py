@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Swap:
     vin: str
+    started_at: float = field(default_factory=time.time)
     slot_out: int | None = None
     slot_in: int | None = None
     code_in: str | None = None
@@ -63,7 +64,8 @@ class SwapStation(Gateway):
             return
         if cmd.verb == "OUT" and cmd.slot is not None:
             swap.slot_out = cmd.slot
-            self.view.vacate(cmd.slot)  # whatever was known about this slot belongs to an earlier battery
+            # Whatever this slot knew from before the vehicle came belongs to an earlier battery.
+            self.view.vacate(cmd.slot, arrived_before=swap.started_at)
         elif cmd.verb == "IN" and cmd.slot is not None:
             swap.slot_in = cmd.slot
             leaving = self.view.slot(cmd.slot)
@@ -78,6 +80,16 @@ class SwapStation(Gateway):
             self.finishing.append(swap)
             self.current = None
             self.tick(swap.done_at)
+
+    def bay(self) -> dict[str, object]:
+        """The swap in the bay and those waiting for the removed battery's identity, for status."""
+        swap = self.current
+        return {
+            "vehicle": swap.vin if swap else None,
+            "slot_out": swap.slot_out if swap else None,
+            "slot_in": swap.slot_in if swap else None,
+            "finishing": len(self.finishing),
+        }
 
     def tick(self, now: float) -> None:
         super().tick(now)
