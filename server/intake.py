@@ -7,8 +7,10 @@ Three kinds of threads, so the work overlaps:
   - paho's network thread only queues what arrives;
   - verifier threads (``verify_threads``) take batches and check them; Ed25519 verification
     releases the GIL, so one verifier's signatures overlap another's Python work;
-  - the calling thread commits verified batches in the order they were verified, then acknowledges
-    and sends receipts; database I/O releases the GIL too.
+  - the calling thread commits verified batches in the order they arrived (not the order their
+    verification finished), then acknowledges and sends receipts; database I/O releases the GIL too.
+Arrival order matters for evidence: of two different events signed under one sequence number, the
+first to arrive stays the record and the second is quarantined, whichever verifier was quicker.
 The queue's bound is the MQTT v5 Receive Maximum announced to the broker: the broker never has more
 unacknowledged messages out to this collector than that, so the queue cannot overflow and the
 network thread never blocks (which would starve keep-alives).
@@ -19,6 +21,7 @@ so the broker stops sending at Receive Maximum and keeps the rest.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -62,6 +65,7 @@ class IntakeSettings:
 
 @dataclass(frozen=True)
 class Verified:
+    ticket: int  # the batch's place in arrival order
     batch: list[mqtt.MQTTMessage]
     accepted: list[Accepted]
     rejected: list[Rejected]
@@ -81,6 +85,9 @@ class Collector:
         self.store_ok = threading.Event()
         self.store_ok.set()
         self._last_sweep = 0.0
+        self.failure: Exception | None = None  # an unexpected error that stopped the collector
+        self._taking = threading.Lock()  # one verifier fills a batch at a time: batches are runs of arrivals
+        self._tickets = itertools.count()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -143,33 +150,49 @@ class Collector:
         ]
         for t in verifiers:
             t.start()
-        while not (stop.is_set() and self.verified.empty()):
+        waiting: dict[int, Verified] = {}  # verified out of turn; at most one per verifier
+        turn = 0
+        while True:
             try:
-                items = [self.verified.get(timeout=0.2)]
+                item: Verified | None = self.verified.get(timeout=0.2)
             except queue.Empty:
-                items = []
-            while True:  # whatever else is verified already goes into the same transaction
-                try:
-                    items.append(self.verified.get_nowait())
-                except queue.Empty:
-                    break
+                item = None
+            while item is not None:  # whatever else is verified already goes into the same transaction
+                waiting[item.ticket] = item
+                item = self.verified.get_nowait() if not self.verified.empty() else None
+            items = []
+            while turn in waiting:
+                items.append(waiting.pop(turn))
+                turn += 1
             if items and not self.commit(_merge(items), stop):
                 break
+            if stop.is_set() and not items and self.verified.empty():
+                break  # what is not committed is not acknowledged: the broker delivers it again
             if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
                 self._sweep()
         for t in verifiers:
             t.join(timeout=5)
 
     def _verify_loop(self, stop: threading.Event) -> None:
+        try:
+            self._verify_batches(stop)
+        except Exception as exc:
+            # A lost ticket would hold back every later batch: stop the whole collector instead. Nothing
+            # unacknowledged is lost; the broker delivers it again to this collector's restart or a peer.
+            log.exception("a verifier failed; the collector stops")
+            self.failure = exc
+            stop.set()
+
+    def _verify_batches(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            batch = self._take_batch()
+            ticket, batch = self._take_batch()
             if not batch:
                 continue
             now = time.time()
             outcome = self._retrying(lambda b=batch, n=now: self.verify(b, n), stop)
             if outcome is None:
                 return
-            item = Verified(batch, *outcome, now)
+            item = Verified(ticket, batch, *outcome, now)
             while not stop.is_set():
                 try:
                     self.verified.put(item, timeout=0.2)
@@ -177,7 +200,13 @@ class Collector:
                 except queue.Full:
                     continue
 
-    def _take_batch(self) -> list[mqtt.MQTTMessage]:
+    def _take_batch(self) -> tuple[int, list[mqtt.MQTTMessage]]:
+        """The next run of arrivals (up to ``batch_max``, waiting at most ``batch_ms``) and its ticket."""
+        with self._taking:
+            batch = self._fill()
+            return (next(self._tickets), batch) if batch else (-1, batch)
+
+    def _fill(self) -> list[mqtt.MQTTMessage]:
         try:
             first = self.queue.get(timeout=0.2)
         except queue.Empty:
@@ -277,6 +306,7 @@ def _merge(items: list[Verified]) -> Verified:
     if len(items) == 1:
         return items[0]
     return Verified(
+        items[0].ticket,
         [m for i in items for m in i.batch],
         [a for i in items for a in i.accepted],
         [r for i in items for r in i.rejected],

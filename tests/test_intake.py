@@ -192,6 +192,29 @@ def test_two_collectors_in_one_group_store_every_event_once(server, broker):
     publisher.close()
 
 
+def test_of_two_events_signed_under_one_sequence_number_the_first_to_arrive_is_the_record(server, broker):
+    """Verifier threads finish in any order; the record must follow arrival order all the same."""
+    world = server
+    originals, messages = {}, []
+    for i in range(60):
+        device = world.device(f"station-{i}", "swap_operator")
+        original = device.seal("health", HEALTH, T0)
+        fork = envelope.sign(
+            events.encode(events.Event(device.name, 1, events.ZERO_HASH, T0 + 5, "health", "label", HEALTH)),
+            device.key,
+        )
+        originals[device.name] = envelope.envelope_hash(original)
+        messages += [(f"bt/v1/{device.name}/events", original), (f"bt/v1/{device.name}/events", fork)]
+    collector = world.start(batch_ms=1, batch_max=1)  # one message per batch: the most room to overtake
+    publisher = Publisher(broker, "test-forks")
+    publisher.publish(messages)
+    wait_until(lambda: rejected(world).get("sequence_reused") == 60, 60, "every fork quarantined", [collector])
+    with world.store.db.reading() as tx:
+        kept = dict(tx.all("SELECT device, hash FROM events"))
+    assert {name: bytes(h) for name, h in kept.items()} == originals
+    publisher.close()
+
+
 def _received(log: Path) -> int:
     line = next(line for line in log.read_text().splitlines() if "stopped:" in line)
     return int(line.split("'received': ")[1].split(",")[0].split("}")[0])

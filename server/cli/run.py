@@ -11,7 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
-from server.cli.common import OK, add_config, config
+from server.cli.common import INVALID, OK, add_config, config
 from server.cli.registry import server_key
 
 log = logging.getLogger("battery-server")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         collector.stop()
         store.close()
         log.info("stopped: %s", dict(collector.counters))
-    return OK
+    return OK if collector.failure is None else INVALID
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the collector and the dashboard",
         description="Subscribe to every device's events (shared subscription), verify, store in batches, "
         "acknowledge after commit and send signed receipts; serve the dashboard, its JSON API, /metrics and "
-        "/healthz ([web] listen). Prints the dashboard's address with its token. Stops cleanly on SIGTERM.",
+        "/healthz ([web] listen). Prints the dashboard's address with its token. Stops cleanly on SIGTERM "
+        "(exit 0); exits 1 after an internal failure, for the service manager to restart it (what was not "
+        "acknowledged is delivered again).",
         epilog="example:\n  battery-server run -c configs/server.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
