@@ -282,12 +282,12 @@ class Demo:
     # -- watching ---------------------------------------------------------------------------------
 
     def figures(self) -> dict[str, Any]:
-        sealed = sum(
-            _count(s.dir / f"{s.name}-outbox.sqlite", "SELECT COALESCE(MAX(last_seq), 0) FROM chain")
-            for s in self.sites.values()
-        )
+        outboxes = [s.dir / f"{s.name}-outbox.sqlite" for s in self.sites.values()]
+        sealed = sum(_count(o, "SELECT COALESCE(MAX(last_seq), 0) FROM chain") for o in outboxes)
+        waiting = sum(_count(o, "SELECT COUNT(*) FROM outbox") for o in outboxes)  # receipted ones are pruned
         return {
             "sealed": sealed,
+            "delivered": sealed - waiting,
             "stored": _count(self.record, "SELECT COUNT(*) FROM events"),
             "rejected": _count(self.record, "SELECT COUNT(*) FROM quarantine"),
             "findings": _count(self.record, "SELECT COUNT(*) FROM findings WHERE resolved_at IS NULL"),
@@ -300,7 +300,8 @@ class Demo:
         while (elapsed := time.monotonic() - started) < self.duration:
             f = self.figures()
             line = (
-                f"[{elapsed:4.0f}/{self.duration:.0f}s] sealed {f['sealed']:>5}  stored {f['stored']:>5}  "
+                f"[{elapsed:4.0f}/{self.duration:.0f}s] sealed {f['sealed']:>5}  delivered {f['delivered']:>5}  "
+                f"stored {f['stored']:>5}  "
                 f"rejected {f['rejected']:>3}  open findings {f['findings']:>2}  | {self.step}"
             )
             if tty:
@@ -320,6 +321,7 @@ class Demo:
         f = self.figures()
         print("\n== What happened ==")
         print(f"  sealed by the agents and submitters   {f['sealed']}")
+        print(f"  delivered (receipted by the server)   {f['delivered']}")
         print(f"  stored by the server                  {counts['events']}")
         print(f"  rejected (quarantined) by reason      {json.dumps(counts['rejected'])}")
         print(f"  open findings by kind                 {json.dumps(counts['findings_open'])}")
