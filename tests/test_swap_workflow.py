@@ -6,6 +6,8 @@ the orders a real station produces and check that the sealed swap names the righ
 
 from __future__ import annotations
 
+import time
+
 from agent.battery_view import BatteryView
 from agent.decoders.station import StationCommand
 from agent.readings import Health, Identity
@@ -25,9 +27,10 @@ def station() -> tuple[SwapStation, BatteryView, list[Draft]]:
     return workflow, view, sealed
 
 
-def battery_arrives(view: BatteryView, slot: int, code: str, soc: float) -> None:
-    view.update(slot, Identity("label", code=code))
-    view.update(slot, Health(soc_pct=soc))
+def battery_arrives(view: BatteryView, slot: int, code: str, soc: float, ago_s: float = 0.0) -> None:
+    at = time.time() - ago_s
+    view.update(slot, Identity("label", code=code), at)
+    view.update(slot, Health(soc_pct=soc), at)
 
 
 def test_a_swap_names_the_battery_that_came_out_and_the_one_that_went_in() -> None:
@@ -42,11 +45,12 @@ def test_a_swap_names_the_battery_that_came_out_and_the_one_that_went_in() -> No
     assert swap.fields["health_out"] == {"soc_pct": 18.0} and swap.fields["health_in"] == {"soc_pct": 96.0}
 
 
-def test_the_scanner_read_before_the_plc_line_is_handled_still_counts() -> None:
-    """The battery from the vehicle is scanned in its slot before the PLC's OUT is processed."""
+def test_the_battery_read_before_the_plc_lines_are_handled_still_counts() -> None:
+    """The battery from the vehicle is read in its slot before the PLC's OUT, even before its VEHICLE,
+    is handled: the sources are separate ports."""
     workflow, view, sealed = station()
+    battery_arrives(view, 2, NEW, 18.0, ago_s=0.5)
     workflow.command(StationCommand("VEHICLE", vin=VIN))
-    battery_arrives(view, 2, NEW, 18.0)
     workflow.command(StationCommand("OUT", slot=2))
     workflow.command(StationCommand("IN", slot=1))
     workflow.command(StationCommand("DONE"))
@@ -57,7 +61,7 @@ def test_the_scanner_read_before_the_plc_line_is_handled_still_counts() -> None:
 def test_what_a_slot_knew_before_the_vehicle_came_is_forgotten() -> None:
     """A stale identity on the OUT slot (its battery left silently) never becomes the removed battery."""
     workflow, view, sealed = station()
-    battery_arrives(view, 2, OLD, 50.0)  # an earlier battery, gone without the agent noticing yet
+    battery_arrives(view, 2, OLD, 50.0, ago_s=20)  # an earlier battery, gone without the agent noticing yet
     workflow.command(StationCommand("VEHICLE", vin=VIN))
     workflow.command(StationCommand("OUT", slot=2))
     workflow.command(StationCommand("IN", slot=1))

@@ -23,6 +23,9 @@ from agent.workflows.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
+# How much earlier than the PLC's line another source's reading of the same moment may be handled.
+SOURCE_SKEW_S = 5.0
+
 
 @dataclass
 class Swap:
@@ -64,8 +67,10 @@ class SwapStation(Gateway):
             return
         if cmd.verb == "OUT" and cmd.slot is not None:
             swap.slot_out = cmd.slot
-            # Whatever this slot knew from before the vehicle came belongs to an earlier battery.
-            self.view.vacate(cmd.slot, arrived_before=swap.started_at)
+            # Whatever this slot knew from before the vehicle came belongs to an earlier battery. The
+            # battery now in it was placed (and scanned, and its BMS heard) before the PLC said OUT, and
+            # separate serial and CAN sources may even be handled before the VEHICLE line was.
+            self.view.vacate(cmd.slot, arrived_before=swap.started_at - SOURCE_SKEW_S)
         elif cmd.verb == "IN" and cmd.slot is not None:
             swap.slot_in = cmd.slot
             leaving = self.view.slot(cmd.slot)
