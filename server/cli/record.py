@@ -93,7 +93,8 @@ def trace(args: argparse.Namespace) -> int:
             for k in ("soc_pct", "soh_pct", "voltage_v", "cycles")
             if k in first and k in last
         )
-        print(f"health: {len(health)} readings, {iso_ms(first['time_ms'])} .. {iso_ms(last['time_ms'])}: {trend}")
+        span = f"{iso_ms(first['time_ms'])} .. {iso_ms(last['time_ms'])}"
+        print(f"health: {len(health)} readings (snapshots, swaps, maintenance), {span}: {trend}")
     for name, codes in result["links"].items():
         if codes:
             print(f"{name.replace('_', ' ')}: {', '.join(codes)}")
