@@ -72,7 +72,10 @@ def test_device_view_and_audit(home):
     assert audit.returncode == 0 and "2 envelopes re-verified" in audit.stdout and "intact" in audit.stdout
     with sqlite3.connect(home / "record.sqlite") as db:  # someone edits the record behind our back
         (raw,) = db.execute("SELECT envelope FROM events WHERE device = 'station-1' AND seq = 2").fetchone()
-        db.execute("UPDATE events SET envelope = ? WHERE device = 'station-1' AND seq = 2", (raw[:-1] + b"\x00",))
+        # Flip a bit of the signature's last byte: overwriting it with a constant would be a no-op whenever the
+        # byte already held it (Ed25519's S < 2**253, so its top byte is 0x00 about one time in sixteen).
+        tampered = raw[:-1] + bytes([raw[-1] ^ 0x01])
+        db.execute("UPDATE events SET envelope = ? WHERE device = 'station-1' AND seq = 2", (tampered,))
     broken = run(home, "audit", "station-1", "--json")
     assert broken.returncode == 1
     assert json.loads(broken.stdout)["keys"][0]["first_break"]["seq"] == 2
