@@ -97,7 +97,7 @@ class Agent:
         if not isinstance(self.workflow, MaintenanceRig):
             raise ValueError(f"this agent is a {self.config.site_kind}; confirmations are for maintenance rigs")
         line = str(request.get("line", ""))
-        command = parse(line) if line.strip() else DecodeError("empty", "no command")
+        command = parse(line)
         if isinstance(command, DecodeError):
             raise ValueError(str(command))
         try:
@@ -153,8 +153,11 @@ class Agent:
         return (not problems, "; ".join(problems) or "ok")
 
     async def _tick(self) -> None:
+        # At least as often as snapshots are due: a health interval under a second must not be
+        # stretched to the tick.
+        period = min(1.0, self.config.health_interval_s)
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period)
             now = time.time()
             self.view.expire(now)
             if self.workflow is not None:

@@ -17,7 +17,7 @@ from agent.decoders.dbc import HEALTH_FIELDS, CodeMapping, DbcError, DbcMapping
 from agent.sources.can_bus import CanSettings
 from agent.sources.serial_port import SerialSettings
 from agent.uplink import MqttSettings
-from protocol import battery_code, keys
+from protocol import battery_code, keys, tls
 from protocol.events import ROLES
 from protocol.settings import ConfigError, Section, load_toml
 from protocol.topics import device_id_problem
@@ -158,25 +158,12 @@ def _mqtt(m: Section) -> MqttSettings:
         resend_after_s=m.number("resend_after_s", 30.0, low=0.1, high=86400),
         session_expiry_s=m.integer("session_expiry_s", 7 * 24 * 3600, low=0, high=2**32 - 1),
         max_in_flight=m.integer("max_in_flight", 200, low=1, high=65535),
-        tls_ca=_existing(m, "tls_ca"),
-        tls_cert=_existing(m, "tls_cert"),
-        tls_key=_existing(m, "tls_key"),
+        tls=tls.load(m),
         username=m.text("username", None),
         password=m.text("password", None),
     )
-    if (settings.tls_cert or settings.tls_key) and not settings.tls_ca:
-        raise m.error("tls_ca", "is required when tls_cert or tls_key is set (TLS is all or nothing)")
-    if bool(settings.tls_cert) != bool(settings.tls_key):
-        raise m.error("tls_key", "tls_cert and tls_key go together (a client certificate and its key)")
     m.finish()
     return settings
-
-
-def _existing(s: Section, key: str) -> str | None:
-    path = s.path(key, None)
-    if path is not None and not path.is_file():
-        raise s.error(key, f"file {path} does not exist")
-    return str(path) if path else None
 
 
 def _listen(o: Section) -> tuple[str, int] | None:

@@ -87,11 +87,16 @@ class Outbox:
         row = self._db.execute("SELECT last_seq FROM chain WHERE kid = ?", (kid,)).fetchone()
         return row[0] if row else 0
 
-    def pending(self, after: int = 0, limit: int = 100) -> list[Pending]:
-        """Unreceipted events in sealing order, after position ``after``."""
+    def pending(self, limit: int = 100, beyond: dict[bytes, int] | None = None) -> list[Pending]:
+        """Unreceipted events in sealing order; with ``beyond`` (per key, the highest sequence number
+        already published), only those after it. Sequence numbers, not positions, mark what was sent:
+        SQLite hands out row ids again once the outbox has been emptied."""
+        marks = beyond or {}
+        where = " AND ".join("NOT (kid = ? AND seq <= ?)" for _ in marks) or "1"
+        params = [value for kid, seq in marks.items() for value in (kid, seq)]
         rows = self._db.execute(
-            "SELECT rowid, kid, seq, type, envelope, sealed_at FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?",
-            (after, limit),
+            f"SELECT rowid, kid, seq, type, envelope, sealed_at FROM outbox WHERE {where} ORDER BY rowid LIMIT ?",
+            (*params, limit),
         ).fetchall()
         return [Pending(*row) for row in rows]
 

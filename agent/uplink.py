@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 from agent.outbox import Outbox
 from protocol import receipts, topics
 from protocol.keys import PublicKey
+from protocol.tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,9 @@ class MqttSettings:
     resend_after_s: float = 30.0
     session_expiry_s: int = 7 * 24 * 3600
     max_in_flight: int = 200
-    tls_ca: str | None = None  # when set, TLS is mandatory: there is no plaintext fallback
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls: TlsFiles | None = None  # when set, TLS is mandatory: there is no plaintext fallback
     username: str | None = None
     password: str | None = None
-
-
-def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    if settings.tls_ca is None:
-        return None
-    context = ssl.create_default_context(cafile=settings.tls_ca)
-    if settings.tls_cert:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    return context
 
 
 class Uplink:
@@ -75,6 +65,7 @@ class Uplink:
         self.counters: Counter[str] = Counter()
         self.connected = False
         self.extra_status: Callable[[], dict[str, Any]] = dict  # what the rest of the agent adds to its status
+        self._status_at = 0.0  # when the retained status was last published
 
     def notify(self) -> None:
         """Called by the sealer's side after each seal: publish without waiting for the next tick."""
@@ -108,14 +99,17 @@ class Uplink:
             properties=connect,
             keepalive=s.keepalive_s,
             will=will,
-            tls_context=tls_context(s),
+            tls_context=client_context(s.tls) if s.tls else None,
+            max_inflight_messages=s.max_in_flight,
             username=s.username,
             password=s.password,
             timeout=10,
         )
 
     async def run(self, status_interval_s: float = 30.0) -> None:
-        """Stay connected forever: reconnect with capped exponential backoff, counting each attempt."""
+        """Stay connected forever: reconnect with capped exponential backoff, counting each attempt. Each
+        wait is drawn between half and all of the backoff, so a fleet that lost its broker together does
+        not come back in one burst."""
         self.status_interval_s = status_interval_s
         backoff = 0.5
         while True:
@@ -128,16 +122,16 @@ class Uplink:
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.counters["disconnects"] += 1
-                log.warning("broker connection lost or refused (%s); retrying in %.1f s", exc, backoff)
+                log.warning("broker connection lost or refused (%s); retrying within %.1f s", exc, backoff)
             finally:
                 self.connected = False
             self.sent.clear()  # whatever was in flight is resent on the next session
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))  # spreads a fleet; not a secret
             backoff = min(backoff * 2, 30.0)
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe(topics.topic(self.device, "receipts"), qos=1)
-        await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
+        await self._publish_status(client)
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError that run() reconnects on.
         tasks = {
             asyncio.create_task(self._receive(client)),
@@ -159,13 +153,18 @@ class Uplink:
             if not isinstance(payload, bytes | bytearray):
                 continue
             self.handle_receipt(bytes(payload))
-            await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
+            if time.monotonic() - self._status_at >= 1.0:  # a backlog drains with many receipts a second
+                await self._publish_status(client)
+
+    async def _publish_status(self, client: aiomqtt.Client) -> None:
+        self._status_at = time.monotonic()
+        await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
 
     async def _report(self, client: aiomqtt.Client) -> None:
         """Refresh the retained status now and then, so operators see the backlog move."""
         while True:
             await asyncio.sleep(getattr(self, "status_interval_s", 30.0))
-            await client.publish(topics.topic(self.device, "status"), self.status("online"), qos=1, retain=True)
+            await self._publish_status(client)
 
     def handle_receipt(self, data: bytes) -> int:
         """Verify a receipt and prune what it covers; return how many events left the outbox."""
@@ -184,22 +183,33 @@ class Uplink:
         return pruned
 
     async def _publish(self, client: aiomqtt.Client) -> None:
+        """Publish what is new in the outbox, a window of ``max_in_flight`` at a time, and again what a
+        receipt has not covered within ``resend_after_s``. New events do not wait for receipts of the
+        previous window (only for its broker acknowledgements), so a backlog drains at the broker's
+        pace rather than one receipt round trip per window."""
         events_topic = topics.topic(self.device, "events")
+        published: dict[bytes, int] = {}  # per key, the highest sequence number published in this session
+        window = self.settings.max_in_flight
         while True:
             self.wake.clear()
-            now = time.monotonic()
-            resend_before = now - self.settings.resend_after_s
+            resend_before = time.monotonic() - self.settings.resend_after_s
             due = [
                 p
-                for p in self.outbox.pending(limit=self.settings.max_in_flight)
-                if self.sent.get((p.kid, p.seq), -1e18) < resend_before
+                for p in self.outbox.pending(limit=window)
+                if (p.kid, p.seq) in self.sent and self.sent[(p.kid, p.seq)] < resend_before
             ]
-            for item in due:
-                if (item.kid, item.seq) in self.sent:
-                    self.counters["resent"] += 1
-                await client.publish(events_topic, item.envelope, qos=1)
+            fresh = self.outbox.pending(limit=window - len(due), beyond=published)
+            self.counters["resent"] += len(due)
+            for item in (*due, *fresh):
                 self.sent[(item.kid, item.seq)] = time.monotonic()
-                self.counters["published"] += 1
+            for p in fresh:
+                published[p.kid] = p.seq
+            # The window at once, in outbox order, its acknowledgements awaited together: awaiting each
+            # in turn would cap a backlog's drain at one broker round trip per event.
+            await asyncio.gather(*(client.publish(events_topic, p.envelope, qos=1) for p in (*due, *fresh)))
+            self.counters["published"] += len(due) + len(fresh)
+            if len(due) + len(fresh) == window:
+                continue  # more may be waiting
             wait: Any = self.settings.resend_after_s
             if self.sent:
                 wait = max(0.05, min(self.sent.values()) + self.settings.resend_after_s - time.monotonic())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -47,11 +48,13 @@ def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def status(port: int) -> dict[str, Any] | None:
-    """The running agent's /status, or None when it does not answer."""
+    """The running agent's /status, or None when it does not answer (callers poll again). A garbled
+    answer counts as none: once, under a loaded CI run, the response began mid-body (BadStatusLine);
+    it did not recur in isolation and is noted for follow-up rather than allowed to fail a poll."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
             return json.loads(response.read())
-    except OSError:
+    except (OSError, http.client.HTTPException, ValueError):
         return None
 
 

@@ -34,7 +34,11 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_config: str = "", listener: str | None = None
+    ) -> None:
+        """``listener`` replaces the plaintext, anonymous listener with another one (e.g. TLS and an ACL);
+        it is given the port with ``{port}``."""
         self.workdir = workdir
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -44,14 +48,16 @@ class Broker:
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            (listener or "listener {port} 127.0.0.1\nallow_anonymous true\n").replace("{port}", str(self.port))
+            + "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            "max_queued_messages 100000\n" + extra_config
+            "max_queued_messages 100000\n"
+            # Run as root, mosquitto drops to its own user, which cannot reach root's private temp folders
+            # (this log, an ACL, TLS keys): stay root there.
+             + ("user root\n" if os.geteuid() == 0 else "") + extra_config
         )
 
     def start(self, timeout: float = 10.0) -> Broker:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from harness.broker import Broker
@@ -44,6 +46,15 @@ def wait_subscribed(log: Path, timeout: float = 30, after: int = 0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"no confirmed subscription in {log} within {timeout} s")
+
+
+def counters(log: Path) -> Counter[str]:
+    """What a collector counted, from the 'stopped: {...}' line each run logs (summed over its runs)."""
+    total: Counter[str] = Counter()
+    for line in log.read_text().splitlines():
+        if "stopped: {" in line:
+            total.update(ast.literal_eval(line.split("stopped: ", 1)[1]))
+    return total
 
 
 def end_session(broker: Broker, client_id: str) -> None:

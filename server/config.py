@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol import tls
 from protocol.events import EVENT_TYPES
 from protocol.settings import ConfigError, Section, load_toml
 from server.intake import IntakeSettings
@@ -76,6 +77,7 @@ def load(path: Path | None) -> ServerConfig:
         receive_max=i.integer("receive_max", d.receive_max, low=1, high=65535),
         verify_threads=i.integer("verify_threads", d.verify_threads, low=1, high=64),
         sweep_interval_s=i.number("sweep_interval_s", d.sweep_interval_s, low=1.0, high=86400),
+        tls=tls.load(m),
     )
     m.finish()
     i.finish()

@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 
 from protocol import topics
 from protocol.keys import PrivateKey
+from protocol.tls import TlsFiles, client_context
 from server import metrics, receipts
 from server.records import Accepted, Rejected
 from server.store import CommitResult, Store, StoreUnavailable
@@ -61,6 +62,10 @@ class IntakeSettings:
     # but a long expiry would hold a retired collector's share back for that long.
     session_expiry_s: int = 300
     sweep_interval_s: float = 60.0
+    tls: TlsFiles | None = None  # when set, the collector speaks only TLS to the broker
+
+
+RECONNECT_MAX_S = 3
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,11 @@ class Collector:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        if settings.tls:
+            self.client.tls_set_context(client_context(settings.tls))
+        # paho backs off up to 2 minutes by default; a collector is the broker's neighbour and every
+        # second it is away the agents' backlogs grow, so it comes back within seconds.
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=RECONNECT_MAX_S)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._counter_lock:

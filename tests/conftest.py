@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,18 @@ from harness.postgres import PostgresCluster, PostgresUnavailable
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+FAULTS_KEY = pytest.StashKey[list]()  # what each fault-injection case measured
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    rows = config.stash.get(FAULTS_KEY, [])
+    if rows:
+        terminalreporter.section("fault injection: recovery")
+        for row in rows:
+            rest = ", ".join(f"{k} {round(v, 2) if isinstance(v, float) else v}" for k, v in row.items() if k != "case")
+            terminalreporter.write_line(f"{row['case']}: {rest}")
 
 
 def missing_service(what: str, why: object) -> None:
@@ -35,20 +49,27 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresCluster]:
-    """One private PostgreSQL cluster for the test run; each test gets its own database in it."""
-    import tempfile
-
+@contextlib.contextmanager
+def private_cluster(prefix: str) -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of its own, which its user may stop and restart; removed afterwards."""
     # Not under pytest's tmp_path: its parent folders are private to root, and the cluster may run as postgres.
-    workdir = Path(tempfile.mkdtemp(prefix="bt-pg-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         cluster = PostgresCluster(workdir).init().start()
     except PostgresUnavailable as exc:
         missing_service("PostgreSQL (initdb, pg_ctl)", exc)
-    yield cluster
-    cluster.stop("immediate")
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One private PostgreSQL cluster for the test run; each test gets its own database in it."""
+    with private_cluster("bt-pg-") as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -111,17 +132,3 @@ def record_server(tmp_path: Path, broker: Broker) -> Iterator[RecordServer]:
     server = RecordServer(tmp_path / "server", broker)
     yield server
     server.stop()
-
-
-def wait_until(condition, timeout: float, what: str, procs=()) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what``, or a process that died meanwhile."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"{p.args} exited early with {p.returncode}"
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")

@@ -22,8 +22,8 @@ from firmware_stubs.jbd_bms import JbdBms
 from firmware_stubs.pty_link import PtyLink
 from harness import agents
 from harness.broker import free_port
+from harness.waiting import wait_until
 from protocol import keys
-from tests.conftest import wait_until
 from tests.test_dbc import DBC, MAPPING
 
 CODE = "0RJPEA00HAU0AAG1C3000123"
@@ -110,61 +110,3 @@ def test_a_dbc_mapping_is_checked_when_the_source_is_built():
     bad = CanSettings("virtual", "x", None, "dbc", Path(DBC), dbc.DbcMapping(health={"soc_pct": "Nope.Nothing"}))
     with pytest.raises(dbc.DbcError, match="no signal"):
         CanSource(1, bad, lambda *a: None)
-
-
-def _self_signed_ca(path: Path) -> None:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-@pytest.mark.integration
-def test_with_tls_configured_the_agent_never_talks_plaintext(tmp_path, record_server):
-    """The broker here speaks only plaintext: a TLS-configured agent must refuse it, not fall back."""
-    key = record_server.device("gw-tls", "gateway")
-    _self_signed_ca(tmp_path / "ca.pem")
-    link = PtyLink(tmp_path / "bms")
-    bms = JbdBms(link)
-    bms.start()
-    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
-    config, port = agents.write_config(
-        tmp_path / "a.toml",
-        "gw-tls",
-        key,
-        record_server.public.hex,
-        record_server.broker,
-        "gateway",
-        body,
-        health_interval_s=0.3,
-    )
-    config.write_text(config.read_text().replace("[mqtt]\n", f'[mqtt]\ntls_ca = "{tmp_path / "ca.pem"}"\n'))
-    agent = agents.start(config, tmp_path / "agent.log")
-    try:
-        wait_until(lambda: (agents.status(port) or {}).get("sealer", {}).get("sealed", 0) >= 5, 20, "sealing", [agent])
-        report = agents.status(port)
-        assert report["uplink"]["connected"] is False and report["uplink"].get("connects", 0) == 0
-        assert report["uplink"].get("disconnects", 0) >= 1  # it tried, over TLS, and was refused
-        assert record_server.events() == []  # not one event went over plaintext
-    finally:
-        agents.stop(agent)
-        bms.stop()
-        link.close()

@@ -5,7 +5,6 @@ stored twice, no sequence number is reused, and the agent never stops by itself.
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -16,20 +15,14 @@ from firmware_stubs.jbd_bms import JbdBms, PackState
 from firmware_stubs.pty_link import PtyLink
 from firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
 from harness import agents
+from harness.pipeline import chain_head, quiet_config
 from harness.publisher import Publisher
+from harness.waiting import wait_until
 from protocol import keys, receipts
 from server.audit import audit_chain
-from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 CODE = "0RJPEA00HAU0AAG1C3000123"
-
-
-def head(outbox: Path) -> int:
-    if not outbox.exists():
-        return 0
-    with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as db:
-        return db.execute("SELECT COALESCE(MAX(last_seq), 0) FROM chain").fetchone()[0]
 
 
 def source(port: int) -> dict:
@@ -92,11 +85,8 @@ def drain(server, gateway) -> int:
     """Stop the agent, then deliver what it sealed with the same key and outbox but no sensors (a
     submitter), so nothing new is sealed while we wait; returns how many events were sealed in all."""
     agents.stop(gateway["process"])  # may land during start-up, before the handler: the outbox is safe anyway
-    sealed = head(gateway["outbox"])
-    text = gateway["config"].read_text().replace('kind = "gateway"', 'kind = "submitter"')
-    quiet = gateway["config"].with_name("deliver.toml")
-    quiet.write_text(text[: text.index("[[slots]]")])
-    gateway["process"] = agents.start(quiet, gateway["log"])
+    sealed = chain_head(gateway["outbox"])
+    gateway["process"] = agents.start(quiet_config(gateway["config"]), gateway["log"])
     wait_until(
         lambda: stored(server) == list(range(1, sealed + 1)), 40, "every sealed event, once", [gateway["process"]]
     )
@@ -107,17 +97,17 @@ def test_broker_killed_and_restarted_mid_stream(record_server, gateway):
     agent = gateway["process"]
     wait_until(lambda: len(stored(record_server)) >= 10, 30, "the first events", [agent])
     record_server.broker.kill()
-    before = head(gateway["outbox"])
+    before = chain_head(gateway["outbox"])
     time.sleep(2.0)
-    assert head(gateway["outbox"]) > before, "the agent must keep sealing while the broker is away"
+    assert chain_head(gateway["outbox"]) > before, "the agent must keep sealing while the broker is away"
     record_server.broker.start()
     assert_complete_and_intact(record_server, gateway["key"], drain(record_server, gateway))
 
 
 def test_agent_killed_with_sigkill_and_restarted(record_server, gateway):
     for _ in range(3):  # killed three times while sealing, at different moments
-        mark = head(gateway["outbox"])
-        wait_until(lambda m=mark: head(gateway["outbox"]) >= m + 5, 30, "more sealing", [gateway["process"]])
+        mark = chain_head(gateway["outbox"])
+        wait_until(lambda m=mark: chain_head(gateway["outbox"]) >= m + 5, 30, "more sealing", [gateway["process"]])
         gateway["process"].send_signal(signal.SIGKILL)
         gateway["process"].wait()
         gateway["process"] = agents.start(gateway["config"], gateway["log"])

@@ -14,7 +14,7 @@ from firmware_stubs.daly_bms import DalyBms, DalyPack
 from firmware_stubs.line_device import LineDevice
 from firmware_stubs.pty_link import PtyLink
 from harness import agents
-from tests.conftest import wait_until
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 PACK_A, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"

@@ -17,9 +17,10 @@ import pytest
 from harness import collectors
 from harness.broker import free_port
 from harness.publisher import Publisher
+from harness.waiting import wait_until
 from protocol import keys
 from server.store import Store
-from tests.conftest import missing_service, wait_until
+from tests.conftest import missing_service
 from tests.world import DAY, World
 
 pytestmark = pytest.mark.integration

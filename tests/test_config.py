@@ -42,7 +42,7 @@ def test_shipped_gateway_example_loads(gateway):
     cfg = agent_config.load(gateway)
     assert cfg.device == "gateway-0042" and cfg.site_kind == "gateway"
     assert cfg.slots[0].code == "0RJPEA00HAU0AAG1C3000123" and cfg.slots[0].serial.port == "/dev/bms-slot1"
-    assert cfg.mqtt.tls_ca == str(gateway.parent / "ca.pem")  # relative to the config file
+    assert cfg.mqtt.tls and cfg.mqtt.tls.ca == str(gateway.parent / "ca.pem")  # relative to the config file
     assert cfg.outbox_path == gateway.parent / "outbox.sqlite"
 
 

@@ -34,7 +34,7 @@ def test_the_demo_tells_one_battery_s_whole_life_with_rejects_and_findings(tmp_p
         int(figure("sealed by the agents and submitters")),
         int(figure("delivered (receipted by the server)")),
     )
-    assert sealed > 40 and delivered >= sealed - 5  # health keeps coming; the last few may still be in flight
+    assert delivered >= sealed - 5  # the last few may still be in flight
     assert json.loads(figure("rejected (quarantined) by reason")) == {
         "bad_signature": 1,
         "device_mismatch": 1,
@@ -44,6 +44,10 @@ def test_the_demo_tells_one_battery_s_whole_life_with_rejects_and_findings(tmp_p
     }
     assert json.loads(figure("open findings by kind")) == {"chain_break": 1, "incomplete_scrapping": 1}
     by_type = json.loads(figure("events by type"))
+    lifecycle = sum(n for event_type, n in by_type.items() if event_type != "health")
+    # Health snapshots keep coming on top of the story's lifecycle events (how many depends on the
+    # machine's load in those 10 s, so no fixed floor).
+    assert by_type.get("health", 0) > 0 and sealed > lifecycle
     assert by_type["swapped"] == 3 and by_type["produced"] == 10 and by_type["maintenance"] == 1
     life = out.split("== The life of battery")[1]
     stages = re.findall(r"^\s+\S+ \S+\s+(\w+)\s", life, flags=re.M)

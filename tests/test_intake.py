@@ -8,18 +8,15 @@ database outage acknowledges nothing and loses nothing.
 from __future__ import annotations
 
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from harness import collectors
-from harness.postgres import PostgresCluster, PostgresUnavailable
+from harness import collectors, waiting
 from harness.publisher import Publisher
 from protocol import cbor, envelope, events, keys, receipts
 from server.store import Store, StoreUnavailable
-from tests.conftest import missing_service
+from tests.conftest import private_cluster
 from tests.world import T0, World
 
 pytestmark = pytest.mark.integration
@@ -28,17 +25,15 @@ HEALTH = {"code": PACK, "health": {"soc_pct": 70, "voltage_v": 350.5}}
 
 
 def wait_until(condition, timeout: float, what: str, procs=()) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"collector exited early with {p.returncode}"
+    """harness.waiting.wait_until, counting a store that cannot answer yet (an outage) as "not yet"."""
+
+    def holds() -> bool:
         try:
-            if condition():
-                return
+            return condition()
         except StoreUnavailable:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+            return False
+
+    waiting.wait_until(holds, timeout, what, procs)
 
 
 @pytest.fixture
@@ -186,7 +181,7 @@ def test_two_collectors_in_one_group_store_every_event_once(server, broker):
     for p in (first, second):
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=20)
-    shares = [_received(world.logs / f"{name}.log") for name in ("c1", "c2")]
+    shares = [collectors.counters(world.logs / f"{name}.log")["received"] for name in ("c1", "c2")]
     assert all(n > 0 for n in shares), f"both collectors should have taken part: {shares}"
     assert sum(shares) == len(messages)
     publisher.close()
@@ -215,20 +210,10 @@ def test_of_two_events_signed_under_one_sequence_number_the_first_to_arrive_is_t
     publisher.close()
 
 
-def _received(log: Path) -> int:
-    line = next(line for line in log.read_text().splitlines() if "stopped:" in line)
-    return int(line.split("'received': ")[1].split(",")[0].split("}")[0])
-
-
 @pytest.fixture
 def outage_cluster():
-    workdir = Path(tempfile.mkdtemp(prefix="bt-pg-outage-"))
-    try:
-        cluster = PostgresCluster(workdir).init().start()
-    except PostgresUnavailable as exc:
-        missing_service("PostgreSQL (initdb, pg_ctl)", exc)
-    yield cluster
-    cluster.stop("immediate")
+    with private_cluster("bt-pg-outage-") as cluster:
+        yield cluster
 
 
 def test_a_database_outage_acknowledges_nothing_and_loses_nothing(tmp_path, broker, outage_cluster):

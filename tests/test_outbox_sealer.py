@@ -110,3 +110,17 @@ def test_over_the_disk_budget_health_is_thinned_and_lifecycle_events_still_seale
     assert seq == 20 + kept + 1 and "over its disk budget" in sealer.alarm
     assert sealer.refused["thinned"] == 7
     outbox.close()
+
+
+def test_what_comes_after_the_published_mark_survives_an_emptied_outbox(sealer):
+    """The uplink asks for events beyond what it published; SQLite reuses row ids once the outbox is
+    empty, so the mark is a sequence number per key, never a row position."""
+    kid = sealer.key.public.kid
+    for _ in range(3):
+        sealer.seal(draft())
+    assert [p.seq for p in sealer.outbox.pending(beyond={kid: 2})] == [3]
+    assert sealer.outbox.prune(kid, 3) == 3
+    sealer.seal(draft())  # the first row of an empty table: row id 1 again
+    assert [p.seq for p in sealer.outbox.pending(beyond={kid: 3})] == [4]
+    assert sealer.outbox.pending(beyond={kid: 4}) == []
+    assert [p.seq for p in sealer.outbox.pending(beyond={b"another key": 9})] == [4]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.decoders import daly, scanner
+from agent.decoders import daly, scanner, station
 from agent.readings import DecodeError, Health, Identity
 from firmware_stubs import daly_bms
 
@@ -149,3 +149,24 @@ def test_pollers_get_through_a_noisy_line(tmp_path, protocol):
     voltages = {r.voltage_v for r in readings if isinstance(r, Health) and r.voltage_v}
     assert voltages == {52.8 if protocol == "jbd" else 76.4}  # a damaged frame never yields a wrong value
     assert sum(v for k, v in source.counters.items() if k.startswith("bad_frame:")) > 0
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("VEHICLE lnbscb3f5pw123456", station.StationCommand("VEHICLE", vin="LNBSCB3F5PW123456")),
+        ("out 3", station.StationCommand("OUT", slot=3)),
+        ("DONE", station.StationCommand("DONE")),
+        ("   ", "empty"),  # found by the fuzzer: a blank line once raised IndexError
+        ("OUT three", "bad_slot"),
+        ("VEHICLE 123", "bad_vin"),
+    ],
+)
+def test_station_lines_parse_or_name_the_problem(line, expected):
+    result = station.parse(line)
+    assert result == expected if isinstance(expected, station.StationCommand) else result.reason == expected
+
+
+@given(st.text(max_size=200))
+def test_any_station_line_is_a_command_or_a_decode_error(line):
+    assert isinstance(station.parse(line), station.StationCommand | DecodeError)

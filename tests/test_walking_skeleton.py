@@ -21,6 +21,7 @@ import pytest
 
 from firmware_stubs.jbd_bms import JbdBms, PackState
 from firmware_stubs.pty_link import PtyLink
+from harness.waiting import wait_until
 from protocol import envelope, events, keys
 
 pytestmark = pytest.mark.integration
@@ -58,17 +59,6 @@ def closed_beyond(record: Path, seq: int) -> bool:
 def first_unreceipted(outbox: Path) -> float:
     rows = query(outbox, "SELECT MIN(seq) FROM outbox")
     return float("inf") if rows and rows[0][0] is None else (rows[0][0] if rows else 0)
-
-
-def wait_for(condition, timeout: float, what: str, procs=()) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, f"{p.args[0]} exited early with {p.returncode}"
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_jbd_reading_becomes_a_stored_event_and_a_receipt_prunes_the_outbox(tmp_path, broker):
@@ -114,14 +104,14 @@ def test_jbd_reading_becomes_a_stored_event_and_a_receipt_prunes_the_outbox(tmp_
     server = start(tmp_path / "server.log", "battery-server", "run", "-c", str(server_toml), env=env)
     agent = start(tmp_path / "agent.log", "battery-agent", "run", "-c", str(agent_toml), env=env)
     try:
-        wait_for(
+        wait_until(
             lambda: len(query(record, "SELECT 1 FROM events")) >= 3,
             30,
             "three stored events",
             (server, agent),
         )
         # The receipt covers what is stored: the outbox drains down to at most what is still in flight.
-        wait_for(lambda: first_unreceipted(outbox) > 3, 30, "receipts to prune the first events", (server, agent))
+        wait_until(lambda: first_unreceipted(outbox) > 3, 30, "receipts to prune the first events", (server, agent))
         # The broker dies like a power cut and comes back: both sides reconnect by themselves.
         broker.kill()
         before = len(query(record, "SELECT 1 FROM events"))
@@ -129,7 +119,9 @@ def test_jbd_reading_becomes_a_stored_event_and_a_receipt_prunes_the_outbox(tmp_
         broker.start()
         # Events the dying broker had acknowledged but not delivered are sent again (no receipt came):
         # the watermark, the contiguous stored prefix, must pass everything sealed before the outage.
-        wait_for(lambda: closed_beyond(record, before + 3), 30, "the chain to close after the restart", (server, agent))
+        wait_until(
+            lambda: closed_beyond(record, before + 3), 30, "the chain to close after the restart", (server, agent)
+        )
     finally:
         for p in (agent, server):
             p.send_signal(signal.SIGTERM)

@@ -44,6 +44,8 @@ def _vin(word: str) -> str | None:
 
 def parse(line: str) -> StationCommand | DecodeError:
     words = line.split()
+    if not words:
+        return DecodeError("empty", "a blank line is not a command")
     verb = words[0].upper()
     rest = words[1:]
     if verb == "VEHICLE" and len(rest) == 1:

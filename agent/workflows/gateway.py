@@ -41,7 +41,7 @@ class Gateway:
         self._reported: dict[int, float] = {}
 
     def tick(self, now: float) -> None:
-        """Called about once a second: snapshots when they are due."""
+        """Called every second, or every health interval when that is shorter: snapshots when they are due."""
         if now < self._next_health:
             return
         self._next_health = now + self.health_interval_s

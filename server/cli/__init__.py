@@ -8,7 +8,7 @@ import sys
 
 from protocol import keys
 from protocol.settings import ConfigError
-from server.cli import envelopes, record, registry, run
+from server.cli import envelopes, pki, record, registry, run
 from server.cli.common import USAGE, UsageError
 
 EXAMPLES = """
@@ -20,6 +20,7 @@ examples:
   battery-server findings --open
   battery-server audit station-1
   battery-server verify --key device.pub event.cose
+  battery-server pki init --site "Shenzhen swap network"
 """
 
 
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, registry, record, envelopes):
+    for module in (run, registry, record, envelopes, pki):
         module.register(sub)
     return p
 

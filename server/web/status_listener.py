@@ -11,6 +11,8 @@ import time
 import paho.mqtt.client as mqtt
 
 from protocol import topics
+from protocol.tls import TlsFiles, client_context
+from server.intake import RECONNECT_MAX_S
 from server.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -18,9 +20,12 @@ MAX_STATUS_BYTES = 4096
 
 
 class StatusListener:
-    def __init__(self, host: str, port: int, client_id: str, store: Store) -> None:
+    def __init__(self, host: str, port: int, client_id: str, store: Store, tls: TlsFiles | None = None) -> None:
         self.store = store
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if tls:
+            self.client.tls_set_context(client_context(tls))
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=RECONNECT_MAX_S)
         self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.PREFIX}/+/status", qos=1)
         self.client.on_message = self._on_message
         self.host, self.port = host, port
