@@ -16,11 +16,15 @@ Ed25519 signatures on one core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.machine import describe
@@ -44,61 +48,86 @@ def proc_sample(pid: int) -> tuple[float, float]:
     return cpu, rss_kb / 1024
 
 
-def footprint(workdir: Path, slots: int, seconds: float, warmup: float) -> dict[str, float]:
-    with Broker(workdir / "broker") as broker:
-        store = Store(f"sqlite:{workdir / 'record.sqlite'}")
-        server_key = workdir / "server.key"
-        keys.save_private(keys.generate(), server_key)
-        cfg = collectors.write_config(workdir / "collector.toml", store.url, broker, "c1", server_key)
-        collector = collectors.start(cfg, workdir / "collector.log")
+@contextlib.contextmanager
+def recording(workdir: Path, broker: Broker) -> Iterator[tuple[Store, Path]]:
+    """A SQLite record with a collector process (client id c1) storing into it; yields the store and
+    the server key. Afterwards the collector is stopped and its broker session ended, so the broker
+    stops handing it a share of what later runs publish."""
+    store = Store(f"sqlite:{workdir / 'record.sqlite'}")
+    server_key = workdir / "server.key"
+    keys.save_private(keys.generate(), server_key)
+    cfg = collectors.write_config(workdir / "collector.toml", store.url, broker, "c1", server_key)
+    collector = collectors.start(cfg, workdir / "collector.log")
+    try:
         collectors.wait_subscribed(workdir / "collector.log")
-        device_key = keys.generate()
-        keys.save_private(device_key, workdir / "station.key")
-        store.enroll("bench-station", "swap_operator", device_key.public, None, 0)
-        links, stubs = [], []
-        body = ""
-        for n in range(1, slots + 1):
-            link = PtyLink(workdir / f"bms-{n}")
-            stub = JbdBms(link, PackState(soc_pct=40 + n))
-            stub.start()
-            links.append(link)
-            stubs.append(stub)
-            body += (
-                f'[[slots]]\nslot = {n}\ncode = "0RJPEA00HAU0AAG1C{3000100 + n:07d}"\n[slots.serial]\n'
-                f'port = "{link.path}"\nprotocol = "jbd"\npoll_interval_s = 1.0\n'
-            )
-        config, port = agents.write_config(
-            workdir / "agent.toml",
-            "bench-station",
-            workdir / "station.key",
-            keys.load_private(server_key).public.hex,
-            broker,
-            "gateway",
-            body,
-            health_interval_s=1.0,
-            resend_after_s=10.0,
+        yield store, server_key
+    finally:
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(30)
+        collectors.end_session(broker, "c1")
+        store.close()
+
+
+@contextlib.contextmanager
+def station(
+    workdir: Path, broker: Broker, store: Store, server_key: Path, slots: int
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A real agent polling ``slots`` emulated JBD BMSs on ptys at 1 Hz and sealing a health snapshot
+    of each every second; yields the process and its status port."""
+    device_key = keys.generate()
+    keys.save_private(device_key, workdir / "station.key")
+    store.enroll("bench-station", "swap_operator", device_key.public, None, 0)
+    links, stubs = [], []
+    body = ""
+    for n in range(1, slots + 1):
+        link = PtyLink(workdir / f"bms-{n}")
+        stub = JbdBms(link, PackState(soc_pct=40 + n))
+        stub.start()
+        links.append(link)
+        stubs.append(stub)
+        body += (
+            f'[[slots]]\nslot = {n}\ncode = "0RJPEA00HAU0AAG1C{3000100 + n:07d}"\n[slots.serial]\n'
+            f'port = "{link.path}"\nprotocol = "jbd"\npoll_interval_s = 1.0\n'
         )
-        agent = agents.start(config, workdir / "agent.log")
-        try:
-            time.sleep(warmup)
-            cpu0, _ = proc_sample(agent.pid)
-            sealed0 = (agents.status(port) or {}).get("sealer", {}).get("sealed", 0)
-            rss_max = 0.0
-            start = time.monotonic()
-            while time.monotonic() - start < seconds:
-                time.sleep(1.0)
-                rss_max = max(rss_max, proc_sample(agent.pid)[1])
-            elapsed = time.monotonic() - start
-            cpu1, rss = proc_sample(agent.pid)
-            status = agents.status(port) or {}
-            sealed = status.get("sealer", {}).get("sealed", 0) - sealed0
-        finally:
-            agents.stop(agent)
-            collectors_stop(collector)
-            for stub, link in zip(stubs, links, strict=True):
-                stub.stop()
-                link.close()
-            store.close()
+    config, port = agents.write_config(
+        workdir / "agent.toml",
+        "bench-station",
+        workdir / "station.key",
+        keys.load_private(server_key).public.hex,
+        broker,
+        "gateway",
+        body,
+        health_interval_s=1.0,
+        resend_after_s=10.0,
+    )
+    agent = agents.start(config, workdir / "agent.log")
+    try:
+        yield agent, port
+    finally:
+        agents.stop(agent)
+        for stub, link in zip(stubs, links, strict=True):
+            stub.stop()
+            link.close()
+
+
+def footprint(workdir: Path, slots: int, seconds: float, warmup: float) -> dict[str, float]:
+    with (
+        Broker(workdir / "broker") as broker,
+        recording(workdir, broker) as (store, server_key),
+        station(workdir, broker, store, server_key, slots) as (agent, port),
+    ):
+        time.sleep(warmup)
+        cpu0, _ = proc_sample(agent.pid)
+        sealed0 = (agents.status(port) or {}).get("sealer", {}).get("sealed", 0)
+        rss_max = 0.0
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            time.sleep(1.0)
+            rss_max = max(rss_max, proc_sample(agent.pid)[1])
+        elapsed = time.monotonic() - start
+        cpu1, rss = proc_sample(agent.pid)
+        status = agents.status(port) or {}
+        sealed = status.get("sealer", {}).get("sealed", 0) - sealed0
     cpu = cpu1 - cpu0
     return {
         "slots": slots,
@@ -111,13 +140,6 @@ def footprint(workdir: Path, slots: int, seconds: float, warmup: float) -> dict[
         "cpu_ms_per_event": round(1000 * cpu / sealed, 3) if sealed else float("nan"),
         "backlog_at_end": status.get("outbox", {}).get("depth"),
     }
-
-
-def collectors_stop(process) -> None:
-    import signal
-
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
 
 
 def seal_rate(workdir: Path, count: int) -> dict[str, float]:

@@ -110,3 +110,23 @@ def insert_rate(url: str, rows: list[tuple], batch: int = 500) -> float:
         tx.execute("DROP TABLE bench_events")
     db.close()
     return len(rows) / elapsed
+
+
+def publish_rate(broker: Broker, messages: list[tuple[str, bytes]], in_flight: int) -> float:
+    """One MQTT v5 connection publishing at QoS 1 with ``in_flight`` unacknowledged messages at most
+    (an agent's window): messages per second until the broker has acknowledged them all."""
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-push-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+    )
+    c.max_inflight_messages_set(in_flight)
+    c.max_queued_messages_set(0)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    start = time.perf_counter()
+    infos = [c.publish(topic, raw, qos=1) for topic, raw in messages]
+    for info in infos:
+        info.wait_for_publish(60)
+    elapsed = time.perf_counter() - start
+    c.disconnect()
+    c.loop_stop()
+    return len(messages) / elapsed
