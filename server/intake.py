@@ -4,16 +4,17 @@ The broker's acknowledgement (PUBACK) for each message is sent only after the ba
 committed, so a collector that dies mid-batch leaves the broker to deliver those messages again.
 
 Three kinds of threads, so the work overlaps:
-  - paho's network thread only queues what arrives;
+  - the broker link's thread (server/broker_link.py) owns the socket and only queues what arrives,
+    a socket read's worth at a time;
   - verifier threads (``verify_threads``) take batches and check them; Ed25519 verification
     releases the GIL, so one verifier's signatures overlap another's Python work;
   - the calling thread commits verified batches in the order they arrived (not the order their
     verification finished), then acknowledges and sends receipts; database I/O releases the GIL too.
 Arrival order matters for evidence: of two different events signed under one sequence number, the
 first to arrive stays the record and the second is quarantined, whichever verifier was quicker.
-The queue's bound is the MQTT v5 Receive Maximum announced to the broker: the broker never has more
-unacknowledged messages out to this collector than that, so the queue cannot overflow and the
-network thread never blocks (which would starve keep-alives).
+The inbox's bound is the MQTT v5 Receive Maximum announced to the broker: the broker never has more
+unacknowledged messages out to this collector than that (the link disconnects a broker that tries),
+so the network thread never blocks on it (which would starve keep-alives).
 
 When the store is unreachable, a batch is retried with backoff; nothing is acknowledged meanwhile,
 so the broker stops sending at Receive Maximum and keeps the rest.
@@ -26,19 +27,17 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from protocol import topics
 from protocol.keys import PrivateKey
 from protocol.tls import TlsFiles, client_context
 from server import metrics, receipts
+from server.broker_link import BrokerLink, LinkSettings
+from server.mqtt_packets import Message
 from server.records import Accepted, Rejected
 from server.store import CommitResult, Store, StoreUnavailable
 from server.verify import Parsed, check, parse
@@ -68,10 +67,41 @@ class IntakeSettings:
 RECONNECT_MAX_S = 3
 
 
+Arrival = tuple[int, Message]  # the connection it came on, and the message
+
+
+class Inbox:
+    """Arrivals waiting for a verifier: put a socket read's worth at once, take a batch at once, so
+    the cost of locking and waking is per batch rather than per message."""
+
+    def __init__(self) -> None:
+        self._items: deque[Arrival] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, items: list[Arrival]) -> None:
+        with self._ready:
+            self._items.extend(items)
+            self._ready.notify()
+
+    def take(self, limit: int, wait_s: float, linger_s: float) -> list[Arrival]:
+        """Up to ``limit`` arrivals: waits ``wait_s`` for a first one, then up to ``linger_s`` for more."""
+        items = self._items
+        with self._ready:
+            if not items and not self._ready.wait(wait_s):
+                return []
+            deadline = time.monotonic() + linger_s
+            while len(items) < limit and (remaining := deadline - time.monotonic()) > 0:
+                self._ready.wait(remaining)
+            return [items.popleft() for _ in range(min(limit, len(items)))]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass(frozen=True)
 class Verified:
     ticket: int  # the batch's place in arrival order
-    batch: list[mqtt.MQTTMessage]
+    batch: list[Arrival]
     accepted: list[Accepted]
     rejected: list[Rejected]
     received_at: float
@@ -82,73 +112,58 @@ class Collector:
         self.settings = settings
         self.store = store
         self.server_key = server_key
-        self.queue: queue.Queue[mqtt.MQTTMessage] = queue.Queue(maxsize=settings.receive_max * 2)
+        self.inbox = Inbox()
         self.verified: queue.Queue[Verified] = queue.Queue(maxsize=settings.verify_threads)
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
-        self.connected = threading.Event()
         self.store_ok = threading.Event()
         self.store_ok.set()
         self._last_sweep = 0.0
         self.failure: Exception | None = None  # an unexpected error that stopped the collector
         self._taking = threading.Lock()  # one verifier fills a batch at a time: batches are runs of arrivals
         self._tickets = itertools.count()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
+        self.link = BrokerLink(
+            LinkSettings(
+                host=settings.host,
+                port=settings.port,
+                client_id=settings.client_id,
+                topic=topics.SHARED_EVENTS,
+                session_expiry_s=settings.session_expiry_s,
+                receive_maximum=settings.receive_max,
+                # Over the collector's limit but under this, a message still arrives and is quarantined
+                # as too_large; beyond it the broker discards it (set mosquitto's message_size_limit).
+                max_packet=max(16 * settings.max_message_bytes, 1 << 20),
+                reconnect_max_s=RECONNECT_MAX_S,
+            ),
+            self._on_messages,
+            tls=client_context(settings.tls) if settings.tls else None,
+            on_subscribed=self._on_subscribed,
+            on_disconnected=self._on_disconnected,
         )
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-        if settings.tls:
-            self.client.tls_set_context(client_context(settings.tls))
-        # paho backs off up to 2 minutes by default; a collector is the broker's neighbour and every
-        # second it is away the agents' backlogs grow, so it comes back within seconds.
-        self.client.reconnect_delay_set(min_delay=0.2, max_delay=RECONNECT_MAX_S)
+        self.connected = self.link.subscribed
 
     def count(self, name: str, n: int = 1) -> None:
         with self._counter_lock:
             self.counters[name] += n
 
-    # -- MQTT (paho's network thread) -------------------------------------------------------------
+    # -- MQTT (the link's thread) -----------------------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        if getattr(reason, "is_failure", False):
-            log.error("broker refused the collector: %s", reason)
-            return
-        client.subscribe(topics.SHARED_EVENTS, qos=1)
-
-    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: list, props: object) -> None:
-        if any(getattr(r, "is_failure", False) for r in reasons):
-            log.error("the broker refused the subscription to %s: %s", topics.SHARED_EVENTS, reasons)
-            return
-        self.connected.set()
+    def _on_subscribed(self) -> None:
         metrics.BROKER_UP.set(1)
         log.info("collector %s subscribed to %s", self.settings.client_id, topics.SHARED_EVENTS)
 
-    def _on_disconnect(self, client: mqtt.Client, *args: object) -> None:
-        self.connected.clear()
+    def _on_disconnected(self, reason: str) -> None:
         metrics.BROKER_UP.set(0)
         self.count("disconnects")
 
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.queue.put(message)
+    def _on_messages(self, generation: int, messages: list[Message]) -> None:
+        self.inbox.put([(generation, m) for m in messages])
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry_s
-        props.ReceiveMaximum = self.settings.receive_max
-        self.client.connect_async(
-            self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
-        )
-        self.client.loop_start()
+        self.link.start()
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()
 
     # -- the pipeline -----------------------------------------------------------------------------
 
@@ -210,37 +225,19 @@ class Collector:
                 except queue.Full:
                     continue
 
-    def _take_batch(self) -> tuple[int, list[mqtt.MQTTMessage]]:
+    def _take_batch(self) -> tuple[int, list[Arrival]]:
         """The next run of arrivals (up to ``batch_max``, waiting at most ``batch_ms``) and its ticket."""
         with self._taking:
-            batch = self._fill()
+            batch = self.inbox.take(self.settings.batch_max, 0.2, self.settings.batch_ms / 1000)
             return (next(self._tickets), batch) if batch else (-1, batch)
 
-    def _fill(self) -> list[mqtt.MQTTMessage]:
-        try:
-            first = self.queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.settings.batch_ms / 1000
-        while len(batch) < self.settings.batch_max:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self.queue.get(timeout=remaining))
-            except queue.Empty:
-                break
-        return batch
-
-    def verify(self, batch: list[mqtt.MQTTMessage], now: float) -> tuple[list[Accepted], list[Rejected]]:
+    def verify(self, batch: list[Arrival], now: float) -> tuple[list[Accepted], list[Rejected]]:
         with metrics.VERIFY.time():
             return self._verify(batch, now)
 
-    def _verify(self, batch: list[mqtt.MQTTMessage], now: float) -> tuple[list[Accepted], list[Rejected]]:
-        parsed: list[Parsed | Rejected] = [
-            parse(m.topic, bytes(m.payload), self.settings.max_message_bytes) for m in batch
-        ]
+    def _verify(self, batch: list[Arrival], now: float) -> tuple[list[Accepted], list[Rejected]]:
+        limit = self.settings.max_message_bytes
+        parsed: list[Parsed | Rejected] = [parse(m.topic, m.payload, limit) for _, m in batch]
         records = self.store.keys(p.kid for p in parsed if isinstance(p, Parsed))
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
@@ -274,10 +271,14 @@ class Collector:
         metrics.MESSAGES.labels("duplicate").inc(result.duplicates)
         metrics.MESSAGES.labels("rejected").inc(result.quarantined)
         metrics.FINDINGS.inc(result.findings)
-        for message in item.batch:  # only now: everything in the batch is durable
-            self.client.ack(message.mid, message.qos)
+        by_connection: dict[int, list[int]] = {}
+        for generation, message in item.batch:  # only now: everything in the batch is durable
+            if message.packet_id is not None:
+                by_connection.setdefault(generation, []).append(message.packet_id)
+        for generation, packet_ids in by_connection.items():
+            self.link.ack(generation, packet_ids)
         for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(time.time() * 1000)):
-            self.client.publish(topic, receipt, qos=1)
+            self.link.publish(topic, receipt)
             self.count("receipts")
             metrics.RECEIPTS.inc()
         return True
