@@ -231,7 +231,8 @@ class _NotSure(Exception):
 
 
 def _plain(value: Any, tags: frozenset[int], depth: int, limit: int, text_keys: bool) -> Any:
-    """cbor2's result as the strict decoder would return it; _NotSure if it might not."""
+    """cbor2's result as the strict decoder would return it; _NotSure if it might not. The lists and
+    maps are cbor2's fresh objects, so they are checked in place, not copied."""
     if depth > limit:
         raise _NotSure
     t = type(value)
@@ -241,14 +242,17 @@ def _plain(value: Any, tags: frozenset[int], depth: int, limit: int, text_keys: 
         if not math.isfinite(value):
             raise _NotSure
         return value
-    if t is list or t is tuple:
+    if t is list:
         if set(map(type, value)) <= _NUMBER_TYPES:  # the common case: lists of readings
             if (value and depth >= limit) or not all(map(math.isfinite, value)):
                 raise _NotSure
-            return list(value)
-        return [_plain(v, tags, depth + 1, limit, text_keys) for v in value]
-    if t is dict or t is cbor2.frozendict:
-        out = {}
+            return value
+        for i, item in enumerate(value):
+            plain = _plain(item, tags, depth + 1, limit, text_keys)
+            if plain is not item:
+                value[i] = plain
+        return value
+    if t is dict:
         for k, v in value.items():
             kt = type(k)
             if not (kt is str or (kt is int and not text_keys)):
@@ -257,29 +261,38 @@ def _plain(value: Any, tags: frozenset[int], depth: int, limit: int, text_keys: 
             if vt is str or vt is int or vt is bytes or vt is bool or (vt is float and math.isfinite(v)):
                 if depth >= limit:
                     raise _NotSure
-                out[k] = v
-            else:
-                out[k] = _plain(v, tags, depth + 1, limit, text_keys)
-        return out
+                continue
+            plain = _plain(v, tags, depth + 1, limit, text_keys)
+            if plain is not v:
+                value[k] = plain  # replacing a value while iterating is safe: the keys do not change
+        return value
+    if t is tuple or t is cbor2.frozendict:  # immutable containers: copied into the mutable kind
+        mutable = list(value) if t is tuple else dict(value)
+        return _plain(mutable, tags, depth, limit, text_keys)
     if t is cbor2.CBORTag and value.tag in tags:
         return Tag(value.tag, _plain(value.value, tags, depth + 1, limit, text_keys))
     raise _NotSure  # other tags, semantic objects (datetimes, bignums as tags...), undefined, simple values
 
 
 def _fast(data: bytes, deterministic: bool, tags: frozenset[int], max_depth: int) -> Any:
-    fp = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(
-            fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2
-        ).decode()
+        if deterministic:
+            value = cbor2.loads(data, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2)
+            # Compared before _plain replaces anything: trailing bytes, too, make the bytes differ.
+            if cbor2.dumps(value, canonical=True) != data:
+                raise _NotSure
+        else:
+            fp = io.BytesIO(data)
+            value = cbor2.CBORDecoder(
+                fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2
+            ).decode()
+            if fp.tell() != len(data):
+                raise _NotSure
+    except _NotSure:
+        raise
     except Exception as exc:  # any complaint at all: the strict decoder decides and explains
         raise _NotSure from exc
-    if fp.tell() != len(data):
-        raise _NotSure
-    result = _plain(value, tags, 0, max_depth, text_keys=deterministic)
-    if deterministic and cbor2.dumps(value, canonical=True) != data:
-        raise _NotSure
-    return result
+    return _plain(value, tags, 0, max_depth, text_keys=deterministic)
 
 
 def decode(

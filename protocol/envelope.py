@@ -56,8 +56,8 @@ class Envelope:
         kid = self.protected.get(HEADER_KID, self.unprotected.get(HEADER_KID))
         return kid if isinstance(kid, bytes) else None
 
-    @property
-    def hash(self) -> bytes:
+    @functools.cached_property
+    def hash(self) -> bytes:  # asked for several times per event on the server's hot path
         return envelope_hash(self.raw)
 
     def sig_structure(self) -> bytes:

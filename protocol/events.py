@@ -321,6 +321,19 @@ def _check_time(path: str, v: Any) -> list[FieldError]:
     return errors
 
 
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _all_numbers(items: list[Any] | tuple[Any, ...], signed: bool) -> bool:
+    """True when every item is a finite number (non-negative unless ``signed``): loops in C, since a
+    snapshot carries dozens of cell readings. bool is not a number here (its type is not int)."""
+    return (
+        set(map(type, items)) <= _NUMBER_TYPES
+        and all(map(math.isfinite, items))
+        and (signed or not items or min(items) >= 0)
+    )
+
+
 def _bad_numbers(items: list[Any] | tuple[Any, ...], signed: bool) -> list[int]:
     """Indices of items that are not finite numbers (or are negative where that makes no sense)."""
     return [
@@ -348,7 +361,10 @@ def _check_health(path: str, v: Any) -> list[FieldError]:
             continue
         items = value if is_list else (value,)
         if kind is Kind.NUMBER:  # the bulk of every snapshot: checked in one pass, paths built only on error
-            for i in _bad_numbers(items, signed=key in _SIGNED_HEALTH):
+            signed = key in _SIGNED_HEALTH
+            if _all_numbers(items, signed):
+                continue
+            for i in _bad_numbers(items, signed):
                 item = items[i]
                 problem = f"{item} is negative" if _is_number(item) else "must be a finite number"
                 errors.append(FieldError(f"{sub}[{i}]" if is_list else sub, problem))

@@ -112,3 +112,11 @@ def test_arbitrary_payload_bytes_give_event_errors_only(data):
 @given(st.dictionaries(st.sampled_from([*events.COMMON_FIELDS, "code", "vin", "health", "x"]), st.integers()))
 def test_arbitrary_maps_give_field_errors_only(m):
     assert events.event_errors(m)
+
+
+@given(
+    st.lists(st.floats() | st.integers(-(10**20), 10**20) | st.booleans() | st.none() | st.text(max_size=2)),
+    st.booleans(),
+)
+def test_the_fast_numbers_check_agrees_with_the_one_that_names_each_bad_item(items, signed):
+    assert events._all_numbers(items, signed) == (events._bad_numbers(items, signed) == [])
