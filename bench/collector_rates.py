@@ -9,7 +9,10 @@ For each backend (SQLite; PostgreSQL at --pg-url, else a private cluster with de
     from above.
 Limits: receive (broker -> one plain subscriber), verify (Ed25519 per second, one thread, PyNaCl and
 cryptography), insert (event rows per second, batched); composed limit = 1 / (1/receive + 1/verify +
-1/insert) with the verify rate the collector's library achieves.
+1/insert) with the verify rate the collector's library achieves. Next to them the collector's own
+stages alone on one thread (check: everything server/verify.py does per event; commit: the store's
+batch commit and the receipts) and the serial ceiling they make with receive, which shows how much of
+a collector's time goes to work the composed limit does not count, and how much its threads overlap.
 
     .venv/bin/python -m bench.collector_rates [--events 20000] [--devices 20] [--pg-url URL]
 """
@@ -233,6 +236,10 @@ def main() -> None:
             ]
             insert = limits.insert_rate(url_for("insert"), rows)
             ceiling = limits.composed(receive, verify["pynacl"], insert)
+            stage_store = bench._store(url_for("stages"))
+            stages = limits.stage_rates(stage_store, messages)
+            stage_store.close()
+            serial = limits.composed(receive, stages["check"], stages["commit"])
             one = bench.drain(url_for("one"), messages, 1)
             two = bench.drain(url_for("two"), messages, 2)
             lat = bench.latency(url_for("latency"), rate=one / 2, seconds=args.latency_seconds)
@@ -240,8 +247,12 @@ def main() -> None:
             print(f"\n[{backend}]")
             print(f"limit insert   {insert:10,.0f} rows/s (batches of 500)")
             print(f"composed limit {ceiling:10,.0f} /s    1/(1/receive + 1/verify + 1/insert), PyNaCl")
+            print(f"stage check    {stages['check']:10,.0f} /s    parse, verify, decode and validate; one thread")
+            print(f"stage commit   {stages['commit']:10,.0f} /s    events, chains, codes, rules, receipts")
+            print(f"serial ceiling {serial:10,.0f} /s    1/(1/receive + 1/check + 1/commit): no overlap at all")
             print(
                 f"1 collector    {one:10,.0f} events/s verified and stored  = {one / ceiling:.2f} of the composed limit"
+                f", {one / serial:.2f} of the serial ceiling"
             )
             print(f"2 collectors   {two:10,.0f} events/s                      = {two / one:.2f} x one collector")
             print(
@@ -255,6 +266,8 @@ def main() -> None:
             results[backend] = {
                 "insert": insert,
                 "composed": ceiling,
+                "stages": stages,
+                "serial": serial,
                 "one": one,
                 "two": two,
                 "latency": lat,

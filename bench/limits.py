@@ -3,6 +3,13 @@
 - receive: messages per second a plain MQTT v5 subscriber gets from the broker, acknowledging only;
 - verify: Ed25519 verifications per second on one thread, with PyNaCl and with ``cryptography``;
 - insert: event rows per second into the store, in batched transactions.
+
+Next to them, the collector's own two stages, each alone on one thread, so a reader can see where a
+collector's time goes beyond the three limits:
+
+- check: parse the envelope, look up the key, verify, decode the payload deterministically and
+  validate the event (server/verify.py), per event;
+- commit: the store's batch commit (events, chains, codes, rules, findings) and the receipts.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from paho.mqtt.properties import Properties
 from harness.broker import Broker
 from harness.publisher import Publisher
 from protocol import envelope
-from protocol.keys import PublicKey
+from protocol.keys import PrivateKey, PublicKey
+from server import receipts, verify
+from server.records import Accepted
+from server.store import Store
 from server.store.db import Database
 
 
@@ -130,3 +140,27 @@ def publish_rate(broker: Broker, messages: list[tuple[str, bytes]], in_flight: i
     c.disconnect()
     c.loop_stop()
     return len(messages) / elapsed
+
+
+def stage_rates(store: Store, messages: list[tuple[str, bytes]], batch: int = 500) -> dict[str, float]:
+    """Events per second through the collector's check stage and its commit stage, one thread each,
+    in batches as the collector makes them; ``store`` must have the senders enrolled and be empty."""
+    now = time.time()
+    start = time.perf_counter()
+    accepted = []
+    for i in range(0, len(messages), batch):
+        parsed = [verify.parse(topic, raw, 64 * 1024) for topic, raw in messages[i : i + batch]]
+        fine = [p for p in parsed if isinstance(p, verify.Parsed)]
+        records = store.keys(p.kid for p in fine)
+        accepted += [verify.check(p, records.get(p.kid), now) for p in fine]
+    checked = time.perf_counter() - start
+    valid = [a for a in accepted if isinstance(a, Accepted)]
+    if len(valid) != len(messages):
+        raise RuntimeError(f"only {len(valid)} of {len(messages)} benchmark events passed the checks")
+    server_key = PrivateKey(bytes(32))
+    start = time.perf_counter()
+    for i in range(0, len(valid), batch):
+        result = store.commit(valid[i : i + batch], [], now)
+        list(receipts.issue(result.watermarks, server_key, int(now * 1000)))
+    committed = time.perf_counter() - start
+    return {"check": len(messages) / checked, "commit": len(messages) / committed}
