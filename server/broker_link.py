@@ -144,6 +144,9 @@ class BrokerLink:
             except (OSError, mp.PacketError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("broker connection lost (%s)", reason)
+            except Exception as exc:  # a bug must not end the thread: a collector without it hangs
+                reason = f"{type(exc).__name__}: {exc}"
+                log.exception("unexpected error in the broker link; reconnecting")
             finally:
                 self.subscribed.clear()
             if self._stopping.is_set():
