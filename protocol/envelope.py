@@ -160,6 +160,18 @@ def verify(envelope: Envelope | bytes, key: PublicKey, *, max_size: int = MAX_EN
     ``bad_signature``.
     """
     env = envelope if isinstance(envelope, Envelope) else decode(envelope, max_size=max_size)
+    check_headers(env)
+    if not key.verify(env.sig_structure(), env.signature):
+        raise EnvelopeError("bad_signature", BAD_SIGNATURE)
+    return env
+
+
+BAD_SIGNATURE = "signature does not verify with this key"
+
+
+def check_headers(env: Envelope) -> None:
+    """Everything ``verify`` checks except the signature itself (alg, critical headers), so a server
+    can run the signature checks of a batch elsewhere. Raises EnvelopeError like ``verify``."""
     if HEADER_ALG not in env.protected:
         where = "only in the unprotected header" if HEADER_ALG in env.unprotected else "missing"
         raise EnvelopeError("unsupported_algorithm", f"alg is {where}; it must be in the protected header")
@@ -174,9 +186,6 @@ def verify(envelope: Envelope | bytes, key: PublicKey, *, max_size: int = MAX_EN
         unknown = [label for label in crit if label not in UNDERSTOOD_HEADERS or label not in env.protected]
         if unknown:
             raise EnvelopeError("malformed", f"critical header labels {unknown} are not understood or not present")
-    if not key.verify(env.sig_structure(), env.signature):
-        raise EnvelopeError("bad_signature", "signature does not verify with this key")
-    return env
 
 
 def describe(env: Envelope) -> dict[str, Any]:

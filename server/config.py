@@ -75,7 +75,6 @@ def load(path: Path | None) -> ServerConfig:
         batch_max=i.integer("batch_max", d.batch_max, low=1, high=100_000),
         batch_ms=i.number("batch_ms", d.batch_ms, low=0.0, high=60_000),
         receive_max=i.integer("receive_max", d.receive_max, low=1, high=65535),
-        verify_threads=i.integer("verify_threads", d.verify_threads, low=1, high=64),
         sweep_interval_s=i.number("sweep_interval_s", d.sweep_interval_s, low=1.0, high=86400),
         tls=tls.load(m),
     )

@@ -3,18 +3,18 @@
 The broker's acknowledgement (PUBACK) for each message is sent only after the batch holding it has
 committed, so a collector that dies mid-batch leaves the broker to deliver those messages again.
 
-Three kinds of threads, so the work overlaps:
+Three threads, so the work overlaps where the interpreter lock allows it:
   - the broker link's thread (server/broker_link.py) owns the socket and only queues what arrives,
     a socket read's worth at a time;
-  - verifier threads (``verify_threads``) take batches and check them; Ed25519 verification
-    releases the GIL, so one verifier's signatures overlap another's Python work;
-  - the calling thread commits verified batches in the order they arrived (not the order their
-    verification finished), then acknowledges and sends receipts; database I/O releases the GIL too.
+  - the calling thread takes batches in arrival order, checks them (server/verify.py) and commits
+    them, then acknowledges and sends receipts. A batch is checked while the previous one commits;
+  - a signature thread (server/signatures.py) runs the batch's Ed25519 checks meanwhile: they
+    release the lock, the rest of checking does not, so one thread does all the Python work.
 Arrival order matters for evidence: of two different events signed under one sequence number, the
-first to arrive stays the record and the second is quarantined, whichever verifier was quicker.
-The inbox's bound is the MQTT v5 Receive Maximum announced to the broker: the broker never has more
-unacknowledged messages out to this collector than that (the link disconnects a broker that tries),
-so the network thread never blocks on it (which would starve keep-alives).
+first to arrive stays the record and the second is quarantined; batches are committed in the order
+they were taken. The inbox stays near the MQTT v5 Receive Maximum announced to the broker: the link
+stops reading while that many messages are unacknowledged, so the network thread never blocks on the
+inbox (which would starve keep-alives).
 
 When the store is unreachable, a batch is retried with backoff; nothing is acknowledged meanwhile,
 so the broker stops sending at Receive Maximum and keeps the rest.
@@ -22,13 +22,12 @@ so the broker stops sending at Receive Maximum and keeps the rest.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,9 +37,10 @@ from protocol.tls import TlsFiles, client_context
 from server import metrics, receipts
 from server.broker_link import BrokerLink, LinkSettings
 from server.mqtt_packets import Message
-from server.records import Accepted, Rejected
+from server.records import Accepted, KeyRecord, Rejected
+from server.signatures import SignatureChecker
 from server.store import CommitResult, Store, StoreUnavailable
-from server.verify import Parsed, check, parse
+from server.verify import Parsed, bad_signature, parse, postcheck, precheck, signature_job
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +55,6 @@ class IntakeSettings:
     batch_max: int = 500
     batch_ms: float = 50.0
     receive_max: int = 2000
-    verify_threads: int = 2
     # Short on purpose: in a shared-subscription group the broker keeps handing an absent member its
     # share until the session expires. Nothing is lost when it does (agents resend until receipted),
     # but a long expiry would hold a retired collector's share back for that long.
@@ -99,8 +98,18 @@ class Inbox:
 
 
 @dataclass(frozen=True)
+class Started:
+    """A batch whose signatures are being checked on the signature thread."""
+
+    batch: list[Arrival]
+    received_at: float
+    steps: list[Rejected | tuple[Parsed, KeyRecord]]  # refused before the signature, or what to finish
+    signatures: Future[list[bool]]
+    checking_s: float  # spent so far; the commit of the batch before runs between start and finish
+
+
+@dataclass(frozen=True)
 class Verified:
-    ticket: int  # the batch's place in arrival order
     batch: list[Arrival]
     accepted: list[Accepted]
     rejected: list[Rejected]
@@ -113,15 +122,13 @@ class Collector:
         self.store = store
         self.server_key = server_key
         self.inbox = Inbox()
-        self.verified: queue.Queue[Verified] = queue.Queue(maxsize=settings.verify_threads)
+        self.signatures = SignatureChecker()
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.store_ok = threading.Event()
         self.store_ok.set()
         self._last_sweep = 0.0
         self.failure: Exception | None = None  # an unexpected error that stopped the collector
-        self._taking = threading.Lock()  # one verifier fills a batch at a time: batches are runs of arrivals
-        self._tickets = itertools.count()
         self.link = BrokerLink(
             LinkSettings(
                 host=settings.host,
@@ -168,89 +175,82 @@ class Collector:
     # -- the pipeline -----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Verify and commit until ``stop`` is set; then commit what is already verified."""
-        verifiers = [
-            threading.Thread(target=self._verify_loop, args=(stop,), name=f"verify-{i}", daemon=True)
-            for i in range(self.settings.verify_threads)
-        ]
-        for t in verifiers:
-            t.start()
-        waiting: dict[int, Verified] = {}  # verified out of turn; at most one per verifier
-        turn = 0
-        while True:
-            try:
-                item: Verified | None = self.verified.get(timeout=0.2)
-            except queue.Empty:
-                item = None
-            while item is not None:  # whatever else is verified already goes into the same transaction
-                waiting[item.ticket] = item
-                item = self.verified.get_nowait() if not self.verified.empty() else None
-            items = []
-            while turn in waiting:
-                items.append(waiting.pop(turn))
-                turn += 1
-            if items and not self.commit(_merge(items), stop):
-                break
-            if stop.is_set() and not items and self.verified.empty():
-                break  # what is not committed is not acknowledged: the broker delivers it again
-            if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
-                self._sweep()
-        for t in verifiers:
-            t.join(timeout=5)
-
-    def _verify_loop(self, stop: threading.Event) -> None:
+        """Check and commit until ``stop`` is set; then commit what is already checked. An unexpected
+        error stops the collector (``failure``): nothing unacknowledged is lost, the broker delivers it
+        again to this collector's restart or to a peer."""
+        self.signatures.start()
         try:
-            self._verify_batches(stop)
+            self._pipeline(stop)
         except Exception as exc:
-            # A lost ticket would hold back every later batch: stop the whole collector instead. Nothing
-            # unacknowledged is lost; the broker delivers it again to this collector's restart or a peer.
-            log.exception("a verifier failed; the collector stops")
+            log.exception("the intake failed; the collector stops")
             self.failure = exc
             stop.set()
+        finally:
+            self.signatures.stop()
 
-    def _verify_batches(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            ticket, batch = self._take_batch()
-            if not batch:
-                continue
-            now = time.time()
-            outcome = self._retrying(lambda b=batch, n=now: self.verify(b, n), stop)
-            if outcome is None:
-                return
-            item = Verified(ticket, batch, *outcome, now)
-            while not stop.is_set():
-                try:
-                    self.verified.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+    def _pipeline(self, stop: threading.Event) -> None:
+        pending: Verified | None = None  # checked, waiting for its commit
+        while True:
+            # With a batch waiting to commit, take only what has already arrived: its commit (and the
+            # acknowledgements and receipts behind it) must not wait for more traffic.
+            wait, linger = (0.0, 0.0) if pending else (0.2, self.settings.batch_ms / 1000)
+            batch = [] if stop.is_set() else self.inbox.take(self.settings.batch_max, wait, linger)
+            started = self._start(batch, stop) if batch else None
+            if batch and started is None:
+                break  # stopped while the store was unreachable: nothing of it is acknowledged
+            if pending is not None and not self.commit(pending, stop):
+                break  # never acknowledged: the broker delivers these again
+            pending = self._finish(started) if started else None
+            if stop.is_set() and pending is None:
+                break
+            if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
+                self._sweep()
 
-    def _take_batch(self) -> tuple[int, list[Arrival]]:
-        """The next run of arrivals (up to ``batch_max``, waiting at most ``batch_ms``) and its ticket."""
-        with self._taking:
-            batch = self.inbox.take(self.settings.batch_max, 0.2, self.settings.batch_ms / 1000)
-            return (next(self._tickets), batch) if batch else (-1, batch)
-
-    def verify(self, batch: list[Arrival], now: float) -> tuple[list[Accepted], list[Rejected]]:
-        with metrics.VERIFY.time():
-            return self._verify(batch, now)
-
-    def _verify(self, batch: list[Arrival], now: float) -> tuple[list[Accepted], list[Rejected]]:
+    def _start(self, batch: list[Arrival], stop: threading.Event) -> Started | None:
+        """Parse, find the keys, run the steps before the signature, hand the signatures over."""
+        began = time.perf_counter()
+        now = time.time()
         limit = self.settings.max_message_bytes
         parsed: list[Parsed | Rejected] = [parse(m.topic, m.payload, limit) for _, m in batch]
-        records = self.store.keys(p.kid for p in parsed if isinstance(p, Parsed))
+        kids = {p.kid for p in parsed if isinstance(p, Parsed)}
+        records = self._retrying(lambda: self.store.keys(kids), stop)
+        if records is None:
+            return None
+        steps: list[Rejected | tuple[Parsed, KeyRecord]] = []
+        jobs = []
+        for p in parsed:
+            if isinstance(p, Rejected):
+                steps.append(p)
+                continue
+            record = records.get(p.kid)
+            refused = precheck(p, record, now)
+            if refused is not None:
+                steps.append(refused)
+                continue
+            assert record is not None  # precheck refuses an unknown key
+            steps.append((p, record))
+            jobs.append(signature_job(p, record))
+        return Started(batch, now, steps, self.signatures.submit(jobs), time.perf_counter() - began)
+
+    def _finish(self, started: Started) -> Verified:
+        """The steps after the signature, run while the signatures are checked; then the outcomes."""
+        began = time.perf_counter()
+        after = [postcheck(*step) if isinstance(step, tuple) else step for step in started.steps]
+        verdicts = iter(started.signatures.result())
+        metrics.VERIFY.observe(started.checking_s + time.perf_counter() - began)
         accepted: list[Accepted] = []
         rejected: list[Rejected] = []
-        for p in parsed:
-            outcome = check(p, records.get(p.kid), now) if isinstance(p, Parsed) else p
+        for step, outcome in zip(started.steps, after, strict=True):
+            if isinstance(step, tuple) and not next(verdicts):
+                outcome = bad_signature(step[0])  # whatever the payload says, a forgery is only that
             if isinstance(outcome, Accepted):
                 accepted.append(outcome)
-            else:
-                rejected.append(outcome)
-                self.count(f"rejected:{outcome.reason}")
-                metrics.REJECTED.labels(outcome.reason).inc()
-                log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
-        return accepted, rejected
+                continue
+            rejected.append(outcome)
+            self.count(f"rejected:{outcome.reason}")
+            metrics.REJECTED.labels(outcome.reason).inc()
+            log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
+        return Verified(started.batch, accepted, rejected, started.received_at)
 
     def commit(self, item: Verified, stop: threading.Event | None = None) -> bool:
         """Commit, then acknowledge and send receipts. False when stopped before it could commit."""
@@ -310,16 +310,3 @@ class Collector:
             self._last_sweep = time.monotonic()
         except StoreUnavailable as exc:
             log.warning("sweep postponed: %s", exc)
-
-
-def _merge(items: list[Verified]) -> Verified:
-    """Verified batches committed as one: a commit has a fixed cost, so a backlog shares it."""
-    if len(items) == 1:
-        return items[0]
-    return Verified(
-        items[0].ticket,
-        [m for i in items for m in i.batch],
-        [a for i in items for a in i.accepted],
-        [r for i in items for r in i.rejected],
-        items[-1].received_at,
-    )

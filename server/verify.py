@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocol import cbor, envelope, events, topics
+from protocol.keys import PublicKey
 from server.records import Accepted, KeyRecord, Rejected
 
 REASONS = (
@@ -59,21 +60,41 @@ def parse(topic: str, raw: bytes, max_size: int) -> Parsed | Rejected:
     return Parsed(topic, raw, topic_device, env, env.kid)
 
 
-def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted | Rejected:
+def precheck(p: Parsed, record: KeyRecord | None, received_at: float) -> Rejected | None:
+    """The steps before the signature: the key's registration and state, the envelope's headers."""
+
     def reject(reason: str, detail: str) -> Rejected:
         return Rejected(p.topic, p.raw, reason, detail)
 
-    kid = p.kid.hex()
     if record is None:
-        return reject("unknown_key", f"key id {kid} is not enrolled")
+        return reject("unknown_key", f"key id {p.kid.hex()} is not enrolled")
     if record.revoked_at is not None and received_at >= record.revoked_at:
-        return reject("key_revoked", f"key {kid} of {record.device} was revoked")
+        return reject("key_revoked", f"key {p.kid.hex()} of {record.device} was revoked")
     if received_at < record.valid_from:
-        return reject("key_not_active", f"key {kid} of {record.device} is not valid before its enrolment")
+        return reject("key_not_active", f"key {p.kid.hex()} of {record.device} is not valid before its enrolment")
     try:
-        envelope.verify(p.envelope, record.public)
+        envelope.check_headers(p.envelope)
     except envelope.EnvelopeError as exc:
         return reject(exc.reason, str(exc))
+    return None
+
+
+def signature_job(p: Parsed, record: KeyRecord) -> tuple[PublicKey, bytes, bytes]:
+    """What the signature check needs: key, signed bytes (Sig_structure), signature."""
+    return record.public, p.envelope.sig_structure(), p.envelope.signature
+
+
+def bad_signature(p: Parsed) -> Rejected:
+    return Rejected(p.topic, p.raw, "bad_signature", envelope.BAD_SIGNATURE)
+
+
+def postcheck(p: Parsed, record: KeyRecord) -> Accepted | Rejected:
+    """The steps after the signature: payload, device, role, schema, the key's retirement. Pure, so
+    the intake may run them while the signature is still being checked, and use them only if it holds."""
+
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(p.topic, p.raw, reason, detail)
+
     # One strict, deterministic decode serves every later step; only a payload that is not in the
     # deterministic form is decoded a second time, leniently, so device and role still come first.
     encoding_problem = None
@@ -105,5 +126,18 @@ def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted |
         return reject("schema", str(exc))
     if record.valid_until is not None and event.time_ms > record.valid_until * 1000:
         # A retired (rotated-out) key: what it sealed before the rotation still counts, nothing after.
+        kid = p.kid.hex()
         return reject("key_not_active", f"key {kid} of {record.device} was retired before this event's time")
     return Accepted(p.topic, p.envelope, event, p.kid, tuple(events.code_problems(event)))
+
+
+def check(p: Parsed, record: KeyRecord | None, received_at: float) -> Accepted | Rejected:
+    """Every step in order, on this thread."""
+    rejected = precheck(p, record, received_at)
+    if rejected is not None:
+        return rejected
+    assert record is not None  # precheck refuses an unknown key
+    key, signed, signature = signature_job(p, record)
+    if not key.verify(signed, signature):
+        return bad_signature(p)
+    return postcheck(p, record)
