@@ -70,7 +70,7 @@ Arrival = tuple[int, Message]  # the connection it came on, and the message
 
 
 class Inbox:
-    """Arrivals waiting for a verifier: put a socket read's worth at once, take a batch at once, so
+    """Arrivals waiting to be checked: put a socket read's worth at once, take a batch at once, so
     the cost of locking and waking is per batch rather than per message."""
 
     def __init__(self) -> None:
@@ -92,9 +92,6 @@ class Inbox:
             while len(items) < limit and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
             return [items.popleft() for _ in range(min(limit, len(items)))]
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass(frozen=True)
