@@ -144,9 +144,9 @@ class Bench:
         """Seal -> receipt at a steady ``rate`` with ``n`` collectors: p50, p99 and max in milliseconds."""
         count = int(rate * seconds)
         per_device = max(1, count // len(self.devices))
-        start_ms = int(time.time() * 1000) + 3000
+        start_ms = int(time.time() * 1000)
         times = [start_ms + int(i * 1000 / rate) for i in range(per_device * len(self.devices))]
-        messages = seal_fleet(self.devices, per_device, times)
+        messages = seal_fleet(self.devices, per_device, times)  # the devices' clocks: content only
         store = self._store(url)
         procs = self._collectors(url, n)
         server_public = keys.load_private(self.server_key).public
@@ -163,8 +163,13 @@ class Bench:
 
         listener.client.on_message = on_receipt
         publisher = Publisher(self.broker, f"bench-steady-{self.runs}")
-        for (topic, raw), t_ms in zip(messages, times, strict=True):
-            delay = t_ms / 1000 - time.time()
+        # Each event is published at its moment of a steady schedule that starts now, after sealing and
+        # start-up (sealing them all takes seconds): latency runs from that moment, when a device would
+        # have sealed and sent it.
+        begin = time.time() + 0.5
+        sent = [begin + i / rate for i in range(len(messages))]
+        for (topic, raw), at in zip(messages, sent, strict=True):
+            delay = at - time.time()
             if delay > 0:
                 time.sleep(delay)
             publisher.client.publish(topic, raw, qos=1)
@@ -175,10 +180,10 @@ class Bench:
                     break
             time.sleep(0.05)
         latencies = []
-        for n, ((topic, _), t_ms) in enumerate(zip(messages, times, strict=True)):
+        for n, ((topic, _), at) in enumerate(zip(messages, sent, strict=True)):
             device, seq = topic.split("/")[2], n // len(self.devices) + 1
             covered = next(t for t, w in arrivals[device] if w >= seq)
-            latencies.append((covered - t_ms / 1000) * 1000)
+            latencies.append((covered - at) * 1000)
         for c in (publisher, listener):
             c.close()
         self._stop([(proc, cfg) for proc, cfg, _ in procs])
