@@ -17,7 +17,7 @@ stops reading while that many messages are unacknowledged, so the network thread
 inbox (which would starve keep-alives).
 
 When the store is unreachable, a batch is retried with backoff; nothing is acknowledged meanwhile,
-so the broker stops sending at Receive Maximum and keeps the rest.
+so at Receive Maximum the link stops reading and the broker keeps the rest.
 """
 
 from __future__ import annotations
