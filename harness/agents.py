@@ -13,6 +13,13 @@ from typing import Any
 from harness.broker import Broker, free_port
 
 
+def jbd_slot(port: str | Path, code: str, poll_interval_s: float = 0.2) -> str:
+    """An agent config's one slot: a JBD BMS on a serial port, its battery's code from the label."""
+    return (
+        f'[[slots]]\nslot = 1\ncode = "{code}"\n[slots.serial]\nport = "{port}"\npoll_interval_s = {poll_interval_s}\n'
+    )
+
+
 def write_config(
     path: Path,
     device: str,

@@ -278,20 +278,18 @@ def _fast(data: bytes, deterministic: bool, tags: frozenset[int], max_depth: int
     try:
         if deterministic:
             value = cbor2.loads(data, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2)
-            # Compared before _plain replaces anything: trailing bytes, too, make the bytes differ.
-            if cbor2.dumps(value, canonical=True) != data:
-                raise _NotSure
+            # Re-encoded before _plain replaces anything; trailing bytes, too, make the bytes differ.
+            whole = cbor2.dumps(value, canonical=True) == data
         else:
             fp = io.BytesIO(data)
             value = cbor2.CBORDecoder(
                 fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2
             ).decode()
-            if fp.tell() != len(data):
-                raise _NotSure
-    except _NotSure:
-        raise
+            whole = fp.tell() == len(data)
     except Exception as exc:  # any complaint at all: the strict decoder decides and explains
         raise _NotSure from exc
+    if not whole:
+        raise _NotSure
     return _plain(value, tags, 0, max_depth, text_keys=deterministic)
 
 

@@ -130,10 +130,10 @@ def subscribe(packet_id: int, topic: str, qos: int) -> bytes:
     return _packet(SUBSCRIBE << 4 | 0x02, struct.pack(">H", packet_id) + b"\x00" + _text(topic) + bytes([qos]))
 
 
-def publish(topic: str, payload: bytes, packet_id: int, *, dup: bool = False) -> bytes:
-    """A QoS 1 PUBLISH without properties."""
-    first = PUBLISH << 4 | (0x08 if dup else 0) | 0x02
-    return _packet(first, _text(topic) + struct.pack(">H", packet_id) + b"\x00" + payload)
+def publish(topic: str, payload: bytes, packet_id: int) -> bytes:
+    """A QoS 1 PUBLISH without properties. Never a DUP: after a reconnect the link sends a receipt
+    again as a new message (receipts are idempotent watermarks)."""
+    return _packet(PUBLISH << 4 | 0x02, _text(topic) + struct.pack(">H", packet_id) + b"\x00" + payload)
 
 
 def puback(packet_id: int) -> bytes:

@@ -44,7 +44,7 @@ def test_metrics_healthz_and_status_of_a_running_agent(tmp_path):
     bms = JbdBms(link)
     bms.start()
     unreachable = type("B", (), {"host": "127.0.0.1", "port": free_port()})()  # no broker listens there
-    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
+    body = agents.jbd_slot(link.path, CODE)
     config, port = agents.write_config(
         tmp_path / "a.toml",
         "gw-1",

@@ -198,7 +198,7 @@ def test_retained_status_and_last_will(tmp_path, record_server):
     link = PtyLink(tmp_path / "bms")
     bms = JbdBms(link, PackState())
     bms.start()
-    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
+    body = agents.jbd_slot(link.path, CODE)
     config, _ = agents.write_config(
         tmp_path / "gw.toml",
         "gw-lwt",

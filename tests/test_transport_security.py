@@ -232,7 +232,7 @@ def test_an_agent_and_a_collector_over_mutual_tls_store_and_receipt(site, tls_br
     link = PtyLink(tmp_path / "bms")
     bms = JbdBms(link)
     bms.start()
-    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
+    body = agents.jbd_slot(link.path, CODE)
     server_public = keys.load_private(server_key).public.hex
     config, port = agents.write_config(
         tmp_path / "a.toml", "station-1", device_key, server_public, tls_broker, "gateway", body, health_interval_s=0.3
@@ -261,7 +261,7 @@ def test_with_tls_configured_the_agent_never_talks_plaintext(site, broker, tmp_p
     link = PtyLink(tmp_path / "bms")
     bms = JbdBms(link)
     bms.start()
-    body = f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\npoll_interval_s = 0.2\n'
+    body = agents.jbd_slot(link.path, CODE)
     spy = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="spy", protocol=mqtt.MQTTv5)
     spy.on_message = lambda c, u, m: seen.append(m.payload)
     spy.connect(broker.host, broker.port)
