@@ -1,7 +1,8 @@
 """The limits a collector is compared with, measured on this machine in the same run (DESIGN.md §10).
 
 - receive: messages per second a plain MQTT v5 subscriber gets from the broker, acknowledging only;
-- verify: Ed25519 verifications per second on one thread, with PyNaCl and with ``cryptography``;
+- verify: Ed25519 verifications per second on one thread: PyNaCl per call, the collector's lock-free
+  batch call, ``cryptography``; and how the first two fare beside a busy Python thread;
 - insert: event rows per second into the store, in batched transactions.
 
 Next to them, the collector's own two stages, each alone on one thread, so a reader can see where a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,10 +29,12 @@ from harness.broker import Broker
 from harness.publisher import Publisher
 from protocol import envelope
 from protocol.keys import PrivateKey, PublicKey
-from server import receipts, verify
+from server import batch_verify, receipts, verify
 from server.records import Accepted
 from server.store import Store
 from server.store.db import Database
+
+COLUMNS = ("kid", "seq", "device", "type", "device_time_ms", "hash", "body", "envelope")
 
 
 def composed(*rates: float) -> float:
@@ -39,29 +43,61 @@ def composed(*rates: float) -> float:
 
 
 def verify_rates(sealed: list[bytes], public: dict[bytes, PublicKey], seconds: float = 2.0) -> dict[str, float]:
+    """Ed25519 checks per second on one thread: PyNaCl one call per signature, the collector's batch
+    call (server/batch_verify.py), ``cryptography``; and the first two beside a thread that runs
+    Python code all the time, as a collector's main thread does (``*_beside_busy``)."""
     items = []
     for raw in sealed[:2000]:
         env = envelope.decode(raw)
         items.append((public[env.kid], env.sig_structure(), env.signature))
     openssl = [(Ed25519PublicKey.from_public_bytes(k.raw), m, s) for k, m, s in items]
-    out = {}
-    for name, check in (
-        ("pynacl", lambda k, m, s: k.verify(m, s)),
-        ("cryptography", lambda k, m, s: k.verify(s, m)),
-    ):
-        batch = items if name == "pynacl" else openssl
+
+    def per_call() -> None:
+        for k, m, s in items:
+            k.verify(m, s)
+
+    def with_cryptography() -> None:
+        for k, m, s in openssl:
+            k.verify(s, m)
+
+    def timed(run: Callable[[], None]) -> float:
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            for k, m, s in batch:
-                check(k, m, s)
-            n += len(batch)
-        out[name] = n / (time.perf_counter() - start)
-    return out
+            run()
+            n += len(items)
+        return n / (time.perf_counter() - start)
+
+    def beside_busy(run: Callable[[], None]) -> float:
+        stop = threading.Event()
+
+        def busy() -> None:
+            while not stop.is_set():
+                sum(range(1000))  # interpreted work that holds the lock, like checking events
+
+        thread = threading.Thread(target=busy)
+        thread.start()
+        try:
+            start = time.perf_counter()
+            run()
+            return len(items) / (time.perf_counter() - start)
+        finally:
+            stop.set()
+            thread.join()
+
+    return {
+        "pynacl": timed(per_call),
+        "batch": timed(lambda: batch_verify.verify_all(items)),
+        "cryptography": timed(with_cryptography),
+        "pynacl_beside_busy": beside_busy(per_call),
+        "batch_beside_busy": beside_busy(lambda: batch_verify.verify_all(items)),
+    }
 
 
 def receive_rate(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
     """Broker -> one subscriber: queue the messages for an offline persistent session, then drain it."""
     client_id = f"bench-receive-{uuid.uuid4().hex[:8]}"
+    # A group of its own: an earlier run's session in the same group would take its share of the messages.
+    topic = f"$share/{client_id}/bt/v1/+/events"
     done = threading.Event()
     count = 0
 
@@ -77,7 +113,7 @@ def receive_rate(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
         props.SessionExpiryInterval = 3600
         props.ReceiveMaximum = 2000
         subscribed = threading.Event()
-        c.on_connect = lambda cl, *a: cl.subscribe("$share/bench/bt/v1/+/events", qos=1)
+        c.on_connect = lambda cl, *a: cl.subscribe(topic, qos=1)
         c.on_subscribe = lambda *a: subscribed.set()
         c.on_message = on_message
         c.connect(broker.host, broker.port, clean_start=False, properties=props)
@@ -95,13 +131,18 @@ def receive_rate(broker: Broker, messages: list[tuple[str, bytes]]) -> float:
     c = connect()
     done.wait(600)
     elapsed = time.perf_counter() - start
-    c.disconnect()
+    ending = Properties(PacketTypes.DISCONNECT)
+    ending.SessionExpiryInterval = 0  # the broker forgets the session: nothing queues for it afterwards
+    c.disconnect(properties=ending)
     c.loop_stop()
+    if count < len(messages):
+        raise RuntimeError(f"the subscriber received {count} of {len(messages)} messages in {elapsed:.0f} s")
     return count / elapsed
 
 
 def insert_rate(url: str, rows: list[tuple], batch: int = 500) -> float:
-    """Event rows per second, ``batch`` rows per transaction, into a scratch table shaped like ``events``."""
+    """Event rows per second, ``batch`` rows per transaction, into a scratch table shaped like ``events``,
+    the way the store inserts events (PostgreSQL: COPY)."""
     db = Database(url)
     types = {"sqlite": "BLOB", "postgresql": "BYTEA"}[db.dialect.name]
     with db.transaction() as tx:
@@ -114,7 +155,7 @@ def insert_rate(url: str, rows: list[tuple], batch: int = 500) -> float:
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         with db.transaction() as tx:
-            tx.executemany("INSERT INTO bench_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows[i : i + batch])
+            tx.insert_rows("bench_events", COLUMNS, rows[i : i + batch])
     elapsed = time.perf_counter() - start
     with db.transaction() as tx:
         tx.execute("DROP TABLE bench_events")
