@@ -143,9 +143,9 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
             for i in items
         ],
     )
-    tx.executemany(
-        "INSERT INTO event_codes (code, kid, seq, field, type, device_time_ms, valid) VALUES (?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT DO NOTHING",
+    tx.insert_rows(  # the events are new, and (code, kid, seq, field) names one field of one event
+        "event_codes",
+        ("code", "kid", "seq", "field", "type", "device_time_ms", "valid"),
         [
             (
                 code,
