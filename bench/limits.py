@@ -34,7 +34,16 @@ from server.records import Accepted
 from server.store import Store
 from server.store.db import Database
 
-COLUMNS = ("kid", "seq", "device", "type", "device_time_ms", "hash", "body", "envelope")
+COLUMNS = (
+    ("kid", "blob"),
+    ("seq", "bigint"),
+    ("device", "text"),
+    ("type", "text"),
+    ("device_time_ms", "bigint"),
+    ("hash", "blob"),
+    ("body", "text"),
+    ("envelope", "blob"),
+)
 
 
 def composed(*rates: float) -> float:

@@ -130,3 +130,36 @@ def test_migrations_are_versioned_and_rerunnable(store):
     assert reopened.db.version() == len(MIGRATIONS)
     assert reopened.key(DEVICE_KEY.public.kid).device == "station-1"
     reopened.close()
+
+
+def test_a_batch_larger_than_one_statement_is_looked_up_and_stored_whole(store_url):
+    """More keys, chains and batteries in one batch than one lookup statement takes (500): all found,
+    all stored, every watermark moved, a duplicate still recognised in the second chunk."""
+    s = Store(store_url)
+    devices = [(f"station-{i:03d}", keys.generate()) for i in range(620)]
+    for name, key in devices:
+        s.enroll(name, "swap_operator", key.public, None, NOW - 100)
+    found = s.keys(key.public.kid for _, key in devices)
+    assert {r.device for r in found.values()} == {name for name, _ in devices}
+    batch = []
+    for i, (name, key) in enumerate(devices):
+        ev = events.Event(
+            name,
+            1,
+            events.ZERO_HASH,
+            1_767_225_600_000 + i,
+            "health",
+            "label",
+            {"code": f"0RJPEA00HAU0AAG1C{3000000 + i:07d}", "health": {"soc_pct": 50}, "slot": 1},
+        )
+        p = verify.parse(f"bt/v1/{name}/events", envelope.sign(events.encode(ev), key), 65536)
+        outcome = verify.check(p, found[key.public.kid], NOW)
+        assert isinstance(outcome, Accepted), outcome
+        batch.append(outcome)
+    first = s.commit(batch, [], NOW)
+    assert (first.stored, first.duplicates) == (620, 0)
+    assert {wm for _, wm in first.watermarks.values()} == {1}
+    again = s.commit(batch[-3:], [], NOW)
+    assert (again.stored, again.duplicates) == (0, 3)
+    assert s.counts()["events"] == 620
+    s.close()

@@ -55,7 +55,7 @@ class Store:
 
     def keys(self, kids: Iterable[bytes]) -> dict[bytes, KeyRecord]:
         with self.db.reading() as tx:
-            return {kid: rec for kid in set(kids) if (rec := registry.key(tx, kid)) is not None}
+            return registry.keys(tx, kids)
 
     def devices(self) -> list[dict[str, object]]:
         with self.db.reading() as tx:

@@ -50,6 +50,10 @@ POSTGRES = Dialect(
 )
 
 
+# Column types for Tx.rows and Tx.insert_rows, and PostgreSQL's names for them.
+PG_TYPES = {"blob": "bytea", "bigint": "int8", "text": "text", "real": "float8", "bool": "bool"}
+
+
 class Tx:
     """The statements of one transaction (or of one autocommitted read)."""
 
@@ -69,17 +73,32 @@ class Tx:
             with self.conn.cursor() as cur:
                 cur.executemany(self.dialect.sql(sql), rows)
 
-    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Plain inserts of many rows (no ON CONFLICT). PostgreSQL takes them by COPY: psycopg's
-        executemany spends about 22 µs of Python per row, COPY a third less, on the collector's hot path."""
+    def rows(self, types: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+        """A subquery whose result is ``rows`` (column types from ``PG_TYPES``) and its parameters,
+        to join with or to use after IN. PostgreSQL gets one array per column through ``unnest``: a
+        statement with as many parameters as columns, which psycopg parses once (it parses every
+        statement of over 50 parameters anew, in Python: ~3 ms per batch commit), sent in binary (as text,
+        each bytea item goes through a regular expression: 3.1 ms for 500 pairs, binary 0.75). SQLite: a
+        VALUES list."""
+        if self.dialect.name == "sqlite":
+            row = f"({', '.join('?' * len(types))})"
+            return f"VALUES {', '.join([row] * len(rows))}", [v for r in rows for v in r]
+        arrays = ", ".join(f"%b::{PG_TYPES[t]}[]" for t in types)  # binary: text arrays escape per item
+        return f"SELECT * FROM unnest({arrays})", [list(column) for column in zip(*rows, strict=True)]
+
+    def insert_rows(self, table: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> None:
+        """Plain inserts of many rows (no ON CONFLICT); ``columns`` are (name, type from ``PG_TYPES``).
+        PostgreSQL takes them by binary COPY: psycopg's executemany spends about 22 µs of Python per
+        row on the collector's hot path, text COPY 12 µs per event row, binary COPY 8."""
         if not rows:
             return
-        names = ", ".join(columns)
+        names = ", ".join(name for name, _ in columns)
         if self.dialect.name == "sqlite":
             marks = ", ".join("?" for _ in columns)
             self.conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
             return
-        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        with self.conn.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([PG_TYPES[kind] for _, kind in columns])
             for row in rows:
                 copy.write_row(row)
 

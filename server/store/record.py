@@ -52,11 +52,12 @@ def _chunks(items: list, size: int = _CHUNK) -> Iterable[list]:
         yield items[i : i + size]
 
 
-def _in(tx: Tx, sql: str, values: list, suffix: str = "") -> list[tuple]:
-    """``sql`` with ``IN ({marks})`` filled for each chunk of ``values``; rows of all chunks."""
+def _in(tx: Tx, sql: str, column_type: str, values: list, suffix: str = "") -> list[tuple]:
+    """``sql`` with ``IN ({rows})`` filled for each chunk of ``values``; rows of all chunks."""
     rows: list[tuple] = []
     for chunk in _chunks(values):
-        rows.extend(tx.all(sql.format(marks=",".join("?" * len(chunk))) + suffix, chunk))
+        source, params = tx.rows((column_type,), [(v,) for v in chunk])
+        rows.extend(tx.all(sql.format(rows=source) + suffix, params))
     return rows
 
 
@@ -64,12 +65,12 @@ def _pairs(tx: Tx, columns: str, pairs: Iterable[tuple[bytes, int]]) -> list[tup
     """Rows of ``events`` for the given (kid, seq) pairs, with ``columns`` after kid and seq."""
     rows: list[tuple] = []
     for chunk in _chunks(sorted(set(pairs))):
-        values = ",".join("(?, ?)" for _ in chunk)
+        source, params = tx.rows(("blob", "bigint"), chunk)
         rows.extend(
             tx.all(
-                f"WITH wanted (kid, seq) AS (VALUES {values}) SELECT e.kid, e.seq, {columns} FROM events e "
+                f"WITH wanted (kid, seq) AS ({source}) SELECT e.kid, e.seq, {columns} FROM events e "
                 "JOIN wanted w ON e.kid = w.kid AND e.seq = w.seq",
-                [v for pair in chunk for v in pair],
+                params,
             )
         )
     return rows
@@ -94,7 +95,8 @@ def commit(
         )
         locked = _in(
             tx,
-            "SELECT kid, watermark, max_seq FROM chains WHERE kid IN ({marks})",
+            "SELECT kid, watermark, max_seq FROM chains WHERE kid IN ({rows})",
+            "blob",
             kids,
             f" ORDER BY kid{tx.dialect.for_update}",
         )
@@ -123,10 +125,33 @@ def commit(
     return CommitResult(len(fresh), duplicates, quarantined, watermarks, raised)
 
 
+_EVENT_COLUMNS = (
+    ("kid", "blob"),
+    ("seq", "bigint"),
+    ("device", "text"),
+    ("type", "text"),
+    ("vin", "text"),
+    ("device_time_ms", "bigint"),
+    ("received_at", "real"),
+    ("hash", "blob"),
+    ("prev", "blob"),
+    ("envelope", "blob"),
+)
+_CODE_COLUMNS = (
+    ("code", "text"),
+    ("kid", "blob"),
+    ("seq", "bigint"),
+    ("field", "text"),
+    ("type", "text"),
+    ("device_time_ms", "bigint"),
+    ("valid", "bool"),
+)
+
+
 def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     tx.insert_rows(  # plain inserts: the chains' row locks and the checks above rule out a conflict
         "events",
-        ("kid", "seq", "device", "type", "vin", "device_time_ms", "received_at", "hash", "prev", "envelope"),
+        _EVENT_COLUMNS,
         [
             (
                 i.kid,
@@ -145,7 +170,7 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     )
     tx.insert_rows(  # the events are new, and (code, kid, seq, field) names one field of one event
         "event_codes",
-        ("code", "kid", "seq", "field", "type", "device_time_ms", "valid"),
+        _CODE_COLUMNS,
         [
             (
                 code,
@@ -192,11 +217,11 @@ def _advance(
     """Move each touched chain's watermark over every contiguous stored sequence number after it."""
     marks = {kid: wm for kid, (wm, _) in chains.items()}
     for chunk in _chunks(sorted(chains)):
-        values = ",".join("(?, ?)" for _ in chunk)
+        source, params = tx.rows(("blob", "bigint"), [(kid, chains[kid][0]) for kid in chunk])
         following = tx.all(
-            f"WITH w (kid, wm) AS (VALUES {values}) SELECT e.kid, e.seq FROM events e JOIN w ON e.kid = w.kid "
+            f"WITH w (kid, wm) AS ({source}) SELECT e.kid, e.seq FROM events e JOIN w ON e.kid = w.kid "
             "AND e.seq > w.wm ORDER BY e.kid, e.seq",
-            [v for kid in chunk for v in (kid, chains[kid][0])],
+            params,
         )
         for kid, seq in following:
             if seq == marks[kid] + 1:
@@ -284,7 +309,8 @@ def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at
     )
     rows = _in(
         tx,
-        "SELECT code, state, final_ms, last_event_ms FROM batteries WHERE code IN ({marks})",
+        "SELECT code, state, final_ms, last_event_ms FROM batteries WHERE code IN ({rows})",
+        "text",
         codes,
         f" ORDER BY code{tx.dialect.for_update}",
     )
@@ -312,7 +338,8 @@ def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at
     # Any new event accounts for a battery again; the sweep raises "unaccounted" when time passes.
     stale = _in(
         tx,
-        "SELECT id FROM findings WHERE kind = 'unaccounted' AND resolved_at IS NULL AND subject IN ({marks})",
+        "SELECT id FROM findings WHERE kind = 'unaccounted' AND resolved_at IS NULL AND subject IN ({rows})",
+        "text",
         [rules.battery(code) for code in codes],
     )
     tx.executemany("UPDATE findings SET resolved_at = ? WHERE id = ?", [(at, r[0]) for r in stale])

@@ -9,6 +9,9 @@ and when that time lies in the past, what was already stored since then is flagg
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 from protocol.keys import PublicKey
 from server.records import KeyRecord
 from server.store.db import StoreError, Tx
@@ -19,7 +22,14 @@ _KEY_COLUMNS = "k.kid, k.device, d.role, k.public_key, k.state, k.valid_from, k.
 
 
 def _record(row: tuple) -> KeyRecord:
-    return KeyRecord(row[0], row[1], row[2], PublicKey(row[3]), *row[4:])
+    return KeyRecord(row[0], row[1], row[2], _public(bytes(row[3])), *row[4:])
+
+
+@functools.lru_cache(maxsize=65536)
+def _public(raw: bytes) -> PublicKey:
+    # The intake looks up every key of every batch (a revocation must count at once), and checking that
+    # a stored key is a sound curve point costs more than the lookup: each distinct key is built once.
+    return PublicKey(raw)
 
 
 def _check_new_key(tx: Tx, public: PublicKey) -> None:
@@ -76,6 +86,20 @@ def revoke(tx: Tx, target: str, at: float) -> list[KeyRecord]:
 def key(tx: Tx, kid: bytes) -> KeyRecord | None:
     row = tx.one(f"SELECT {_KEY_COLUMNS} FROM keys k JOIN devices d ON d.device = k.device WHERE k.kid = ?", (kid,))
     return None if row is None else _record(row)
+
+
+def keys(tx: Tx, kids: Iterable[bytes]) -> dict[bytes, KeyRecord]:
+    """The records of those of ``kids`` that are enrolled, in one statement per 500 keys."""
+    wanted = sorted(set(kids))
+    found: dict[bytes, KeyRecord] = {}
+    for i in range(0, len(wanted), 500):
+        source, params = tx.rows(("blob",), [(kid,) for kid in wanted[i : i + 500]])
+        rows = tx.all(
+            f"SELECT {_KEY_COLUMNS} FROM keys k JOIN devices d ON d.device = k.device WHERE k.kid IN ({source})",
+            params,
+        )
+        found.update((row[0], _record(row)) for row in rows)
+    return found
 
 
 def device_keys(tx: Tx, device: str) -> list[KeyRecord]:
