@@ -56,8 +56,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 
-# Reinstall only when the dependencies or the C extension changed (a stamp of pyproject.toml and its source).
-stamp="$venv/.installed-$(cat "$root/pyproject.toml" "$root/server/_ed25519_batch.c" | sha256sum | cut -c1-16)"
+# Reinstall only when the dependencies or a C extension changed (a stamp of pyproject.toml and the C sources).
+stamp="$venv/.installed-$(cat "$root/pyproject.toml" "$root"/*/_*.c | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   say "installing battery-trace and its dependencies into .venv (one time)"
   log="$venv/install.log"

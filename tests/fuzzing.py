@@ -47,8 +47,16 @@ def _text(data: bytes) -> str:
 
 
 def fuzz_cbor(data: bytes) -> None:
-    with contextlib.suppress(cbor.CborError):
-        cbor.decode_strict(data)
+    """The strict decoder refuses only with CborError, and the fast paths (the C form check, cbor2)
+    return exactly what it returns, in both modes: repr tells -0.0 from 0.0 and True from 1."""
+    for deterministic in (False, True):
+        outcomes = []
+        for decode in (cbor.decode_strict, cbor.decode):
+            try:
+                outcomes.append(repr(decode(data, deterministic=deterministic)))
+            except cbor.CborError:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], f"strict {outcomes[0]} but fast {outcomes[1]} for {data.hex()}"
 
 
 def fuzz_envelope(data: bytes) -> None:

@@ -1,10 +1,12 @@
 """Deterministic CBOR and the strict decoder, cross-checked against cbor2 as an independent implementation."""
 
 import math
+import os
+import struct
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import cbor
@@ -141,6 +143,21 @@ def _same(a, b):
     return a == b and type(a) is type(b)
 
 
+@pytest.fixture(params=["c_check", "cbor2_reencode"])
+def fast_path(request, monkeypatch):
+    """Each deterministic fast path: the C form check (which CI must have built) and cbor2 re-encoding."""
+    if request.param == "c_check" and cbor._cbor_check is None:
+        if os.environ.get("CI"):
+            pytest.fail("protocol._cbor_check is not built (needs a C compiler at `pip install`)")
+        pytest.skip("protocol._cbor_check is not built here")
+    if request.param == "cbor2_reencode":
+        monkeypatch.setattr(cbor, "_cbor_check", None)
+    return request.param
+
+
+same_path_throughout = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
 def _agree(data: bytes, deterministic: bool, tags: frozenset[int] = frozenset()) -> None:
     """The fast path either declines or returns exactly what the strict decoder returns."""
     try:
@@ -156,21 +173,72 @@ def _agree(data: bytes, deterministic: bool, tags: frozenset[int] = frozenset())
 
 
 @given(st.binary(max_size=200), st.booleans())
-def test_fast_path_agrees_with_the_strict_decoder_on_arbitrary_bytes(data, deterministic):
+@same_path_throughout
+def test_fast_path_agrees_with_the_strict_decoder_on_arbitrary_bytes(fast_path, data, deterministic):
     _agree(data, deterministic, frozenset({18}))
 
 
 @given(values, st.booleans())
-def test_fast_path_agrees_on_every_encoding_of_a_value(value, deterministic):
+@same_path_throughout
+def test_fast_path_agrees_on_every_encoding_of_a_value(fast_path, value, deterministic):
     _agree(cbor2.dumps(value), deterministic)
     _agree(cbor2.dumps(value, canonical=True), deterministic)
     _agree(cbor.encode(value), deterministic)
 
 
-def test_fast_path_is_taken_for_text_keyed_deterministic_maps_and_declines_int_key_orders():
+@given(st.floats(allow_nan=True, allow_infinity=True, width=64) | st.floats(width=32) | st.floats(width=16))
+@same_path_throughout
+def test_fast_path_agrees_on_each_width_of_a_float(fast_path, value):
+    """Half, single and double encodings of one value: only the shortest exact one is deterministic."""
+    for fmt, initial in ((">e", b"\xf9"), (">f", b"\xfa"), (">d", b"\xfb")):
+        try:
+            packed = struct.pack(fmt, value)
+        except (OverflowError, struct.error):
+            continue
+        for data in (initial + packed, b"\x82" + initial + packed + b"\x00", b"\xa1\x61k" + initial + packed):
+            _agree(data, deterministic=True)
+
+
+@pytest.mark.parametrize(
+    "hex_",
+    [
+        "f90001",  # the smallest half subnormal
+        "f98000",  # -0.0
+        "fa33800000",  # 2**-24 as a single: a half holds it
+        "fa7f7fffff",  # the largest single
+        "fb47efffffe0000000",  # the largest single, as a double
+        "fb47f0000000000000",  # 2**128: beyond every single
+        "a2200a0a01",  # {-1: 10, 10: 1}: -1 encodes as 0x20, after 0x0a
+        "a2616101616101",  # a duplicate key
+        "a141aa01",  # a byte-string key
+        "c11a514b67b0",  # a tag
+        "81" * 16 + "00",  # as deep as allowed
+        "81" * 17 + "00",  # one deeper
+    ],
+)
+def test_fast_paths_agree_on_edge_cases(fast_path, hex_):
+    _agree(bytes.fromhex(hex_), deterministic=True)
+
+
+def test_the_c_check_takes_int_keyed_maps_in_bytewise_order(fast_path):
     event_like = cbor.encode({"seq": 1, "health": {"cells_v": [3.3, 3.301]}, "prev": bytes(32)})
     assert cbor._fast(event_like, True, frozenset(), cbor.MAX_DEPTH)["seq"] == 1
     mixed = cbor.encode({24: 1, -1: 2})  # bytewise order here differs from cbor2's length-first order
-    with pytest.raises(cbor._NotSure):
-        cbor._fast(mixed, True, frozenset(), cbor.MAX_DEPTH)
-    assert cbor.decode(mixed, deterministic=True) == {24: 1, -1: 2}  # the strict decoder still accepts it
+    if fast_path == "c_check":
+        assert cbor._fast(mixed, True, frozenset(), cbor.MAX_DEPTH) == {24: 1, -1: 2}
+    else:
+        with pytest.raises(cbor._NotSure):
+            cbor._fast(mixed, True, frozenset(), cbor.MAX_DEPTH)
+    assert cbor.decode(mixed, deterministic=True) == {24: 1, -1: 2}  # the strict decoder accepts it either way
+
+
+@given(values)
+def test_the_c_check_accepts_every_deterministic_encoding(value):
+    """No needless trips to the slow strict decoder: whatever our encoder writes, the C check vouches for."""
+    if cbor._cbor_check is None:
+        if os.environ.get("CI"):
+            pytest.fail("protocol._cbor_check is not built (needs a C compiler at `pip install`)")
+        pytest.skip("protocol._cbor_check is not built here")
+    encoded = cbor.encode(value)
+    assert cbor._cbor_check.deterministic(encoded, cbor.MAX_DEPTH)
+    assert _same(cbor._fast(encoded, True, frozenset(), cbor.MAX_DEPTH), value)
