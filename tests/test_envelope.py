@@ -162,3 +162,34 @@ def test_size_limit_is_checked_before_decoding():
 def test_hash_for_chaining_is_sha256_of_the_bytes_as_sent():
     data = envelope.sign(b"x", keys.generate())
     assert envelope.decode(data).hash == hashlib.sha256(data).digest()
+
+
+def _shapes_agree(data: bytes) -> None:
+    """The reading straight from the bytes, where it answers, is exactly the general decoder's."""
+    usual = envelope._usual_shape(data)
+    if usual is None:
+        return
+    protected, unprotected, payload, signature = envelope._general_shape(data)
+    assert (protected, payload, signature) == usual and unprotected == {}
+
+
+@given(st.binary(max_size=120))
+def test_the_usual_shape_agrees_with_the_general_decoder_on_any_bytes(data):
+    _shapes_agree(data)
+    _shapes_agree(b"\xd2\x84" + data)
+
+
+@given(st.binary(max_size=300), st.binary(max_size=64), st.integers(0, 3), st.data())
+def test_the_usual_shape_agrees_on_every_encoding_and_damage(payload, signature, width, data):
+    protected = cbor2.dumps({1: -8, 4: b"k" * 16})
+    heads = []
+    for part in (protected, payload, signature):  # each length in a chosen, not always shortest, form
+        size = 1 << width
+        info = 24 + width if len(part) < 1 << (8 * size) else 26
+        heads.append(bytes([0x40 | info]) + len(part).to_bytes(1 << (info - 24), "big") + part)
+    sealed = b"\xd2\x84" + heads[0] + b"\xa0" + heads[1] + heads[2]
+    assert envelope._usual_shape(sealed) == (protected, payload, signature)
+    _shapes_agree(sealed)
+    cut = data.draw(st.integers(0, len(sealed)))
+    _shapes_agree(sealed[:cut])
+    _shapes_agree(sealed[:cut] + b"\x00" + sealed[cut:])
