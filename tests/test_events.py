@@ -120,3 +120,20 @@ def test_arbitrary_maps_give_field_errors_only(m):
 )
 def test_the_fast_numbers_check_agrees_with_the_one_that_names_each_bad_item(items, signed):
     assert events._all_numbers(items, signed) == (events._bad_numbers(items, signed) == [])
+
+
+health_values = (
+    st.floats()
+    | st.integers(-(10**20), 10**20)
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=3)
+    | st.lists(st.floats() | st.integers(-5, 5) | st.booleans() | st.text(max_size=2), max_size=4)
+)
+
+
+@given(st.dictionaries(st.sampled_from([*events.HEALTH_FIELDS, "x", "Cells_V"]), health_values, min_size=1))
+def test_the_health_check_passes_exactly_what_the_full_check_finds_no_fault_in(health):
+    """The hot path's one-test pass for good numbers may skip the full check only where it finds nothing."""
+    full = [e for key, value in health.items() for e in events._health_value_errors(f"h.{key}", key, value)]
+    assert events._check_health("h", health) == full
