@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
+import logging
 from collections.abc import Sequence
 
-import nacl._sodium  # PyNaCl's libsodium; importing nacl.bindings (protocol.keys) has initialised it
 import nacl.bindings
 
 from protocol.keys import PublicKey
+
+log = logging.getLogger(__name__)
 
 Job = tuple[PublicKey, bytes, bytes]  # key, signed bytes, signature
 
@@ -31,19 +34,27 @@ except ImportError:  # built with `pip install` where a C compiler is present; s
 
 @functools.cache
 def _verify_address() -> int:
+    """The address of libsodium's crypto_sign_verify_detached in the library PyNaCl loaded; 0 when it
+    cannot be found (PyNaCl's private module layout is not a promise), and then checks go per call."""
     nacl.bindings.sodium_init()  # idempotent; libsodium must be initialised before its first use
-    library = ctypes.CDLL(nacl._sodium.__file__)  # the already loaded library: same code, same state
-    return ctypes.cast(library.crypto_sign_verify_detached, ctypes.c_void_p).value or 0
+    try:
+        sodium = importlib.import_module("nacl._sodium")
+        library = ctypes.CDLL(sodium.__file__)  # the already loaded library: same code, same state
+        return ctypes.cast(library.crypto_sign_verify_detached, ctypes.c_void_p).value or 0
+    except (ImportError, AttributeError, OSError) as exc:
+        log.warning("checking signatures one call at a time: libsodium's verify not found (%s)", exc)
+        return 0
 
 
 def lock_free() -> bool:
-    """Whether ``verify_all`` runs without the interpreter lock (the extension is built)."""
-    return _ed25519_batch is not None
+    """Whether ``verify_all`` runs without the interpreter lock (the extension is built and libsodium's
+    verify function was found)."""
+    return _ed25519_batch is not None and _verify_address() != 0
 
 
 def verify_all(jobs: Sequence[Job]) -> list[bool]:
     """Whether each signature holds for its key and signed bytes, in order."""
-    if _ed25519_batch is None:
+    if not lock_free():
         return [key.verify(signed, signature) for key, signed, signature in jobs]
     verdicts = _ed25519_batch.verify_all(_verify_address(), [(key.raw, signed, sig) for key, signed, sig in jobs])
     return [verdict == 1 for verdict in verdicts]
