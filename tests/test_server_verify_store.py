@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import cbor, envelope, events, keys
@@ -12,7 +12,7 @@ from server.records import Accepted, KeyRecord, Rejected
 from server.store import Store, StoreError
 from server.store.schema import MIGRATIONS
 from server.verify import REASONS
-from tests.event_examples import event
+from tests.event_examples import PACK, event
 
 DEVICE_KEY = keys.generate()
 NOW = time.time()
@@ -162,4 +162,37 @@ def test_a_batch_larger_than_one_statement_is_looked_up_and_stored_whole(store_u
     again = s.commit(batch[-3:], [], NOW)
     assert (again.stored, again.duplicates) == (0, 3)
     assert s.counts()["events"] == 620
+    s.close()
+
+
+@given(st.data())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_delivery_order_stores_each_event_once_and_the_watermark_follows_the_gaps(store_url, data):
+    """Batches in any order, with repeats and holes: each event stored once, duplicates counted, the
+    watermark always at the end of the contiguous prefix delivered so far, the chain intact."""
+    s = Store(store_url)
+    key = keys.generate()
+    device = f"station-{key.public.kid.hex()[:8]}"  # a device of its own for every example
+    s.enroll(device, "swap_operator", key.public, None, NOW - 100)
+    record = s.key(key.public.kid)
+    n = data.draw(st.integers(1, 12))
+    chain, prev = [], events.ZERO_HASH
+    for seq in range(1, n + 1):
+        fields = {"code": PACK, "health": {"soc_pct": 50}}
+        ev = events.Event(device, seq, prev, 1_767_225_600_000 + seq, "health", "label", fields)
+        outcome = verify.check(verify.parse(f"bt/v1/{device}/events", sealed(ev, key), 65536), record, NOW)
+        assert isinstance(outcome, Accepted), outcome
+        chain.append(outcome)
+        prev = outcome.envelope.hash
+    batches = data.draw(st.lists(st.lists(st.integers(0, n - 1), min_size=1, max_size=6), max_size=6))
+    delivered: set[int] = set()
+    for batch in [*batches, list(range(n))]:
+        result = s.commit([chain[i] for i in batch], [], NOW)
+        new = {i for i in batch} - delivered
+        assert (result.stored, result.duplicates) == (len(new), len(batch) - len(new))
+        delivered |= new
+        prefix = next((i for i in range(n) if i not in delivered), n)
+        assert result.watermarks[key.public.kid] == (device, prefix)
+    assert s.chain(key.public.kid) == [(x.event.seq, x.envelope.raw) for x in chain]
+    assert not [f for f in s.findings(open_only=True) if f["subject"] == f"device:{device}"]
     s.close()

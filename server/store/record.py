@@ -101,7 +101,10 @@ def commit(
             f" ORDER BY kid{tx.dialect.for_update}",
         )
         chains = {r[0]: (r[1], r[2]) for r in locked}
-        stored = {(r[0], r[1]): r[2] for r in _pairs(tx, "e.hash", [(i.kid, i.event.seq) for i in items])}
+        # Under the chains' locks a chain's max_seq is its highest stored sequence number, so only what
+        # lies at or below it can be stored already: usually nothing, and then no lookup at all.
+        maybe_stored = [(i.kid, i.event.seq) for i in items if i.event.seq <= chains[i.kid][1]]
+        stored = {(r[0], r[1]): r[2] for r in _pairs(tx, "e.hash", maybe_stored)}
         for item in items:
             key = (item.kid, item.event.seq)
             known = stored.get(key) or (fresh[key].envelope.hash if key in fresh else None)
@@ -117,7 +120,7 @@ def commit(
                 reused.append(Rejected(item.topic, item.envelope.raw, "sequence_reused", detail))
                 findings.append(Finding("chain_break", f"device:{devices[kid]}", key, f"seq {seq} signed twice"))
         _insert_events(tx, list(fresh.values()), at)
-        findings.extend(_chain_links(tx, fresh))
+        findings.extend(_chain_links(tx, chains, fresh))
         watermarks = _advance(tx, chains, devices, fresh, at)
     quarantined = _quarantine(tx, [*rejected, *reused], at)
     findings.extend(_derive(tx, list(fresh.values()), at, settings))
@@ -187,9 +190,16 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     )
 
 
-def _chain_links(tx: Tx, fresh: Mapping[tuple[bytes, int], Accepted]) -> list[Finding]:
+def _chain_links(
+    tx: Tx, chains: Mapping[bytes, tuple[int, int]], fresh: Mapping[tuple[bytes, int], Accepted]
+) -> list[Finding]:
     """A new event must link to the stored one before it, and the stored one after it to the new one."""
-    neighbours = {(k, s + d) for k, s in fresh for d in (-1, 1) if s + d >= 1 and (k, s + d) not in fresh}
+    neighbours = {
+        (k, n)
+        for k, s in fresh
+        for n in (s - 1, s + 1)
+        if 1 <= n <= chains[k][1] and (k, n) not in fresh  # stored ones are at most max_seq
+    }
     around = {(r[0], r[1]): (r[2], r[3]) for r in _pairs(tx, "e.hash, e.prev", neighbours)}
     out = []
     for (kid, seq), item in sorted(fresh.items()):
@@ -216,7 +226,13 @@ def _advance(
 ) -> dict[bytes, tuple[str, int]]:
     """Move each touched chain's watermark over every contiguous stored sequence number after it."""
     marks = {kid: wm for kid, (wm, _) in chains.items()}
-    for chunk in _chunks(sorted(chains)):
+    # A chain without holes (max_seq at its watermark) has nothing stored beyond the watermark but
+    # this batch's events; only chains with holes need to read what lies beyond it.
+    holes = sorted(kid for kid, (wm, top) in chains.items() if top > wm)
+    for kid in chains.keys() - set(holes):
+        while (kid, marks[kid] + 1) in fresh:
+            marks[kid] += 1
+    for chunk in _chunks(holes):
         source, params = tx.rows(("blob", "bigint"), [(kid, chains[kid][0]) for kid in chunk])
         following = tx.all(
             f"WITH w (kid, wm) AS ({source}) SELECT e.kid, e.seq FROM events e JOIN w ON e.kid = w.kid "
