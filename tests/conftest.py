@@ -32,6 +32,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             terminalreporter.write_line(f"{row['case']}: {rest}")
 
 
+NOT_BUILT = "not built (`pip install` builds it where a C compiler is present)"
+
+
 def missing_service(what: str, why: object) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is required when CI is set, and it is missing: {why}")

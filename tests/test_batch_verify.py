@@ -6,8 +6,6 @@ much the lock-free path overlaps with Python work is measured in bench/limits (v
 thread), not asserted here.
 """
 
-import os
-
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +13,7 @@ from hypothesis import strategies as st
 
 from protocol import keys
 from server import batch_verify
+from tests.conftest import NOT_BUILT, missing_service
 
 KEYS = [keys.generate() for _ in range(3)]
 
@@ -23,9 +22,7 @@ KEYS = [keys.generate() for _ in range(3)]
 def path(request, monkeypatch):
     """Run a test through each path; the lock-free one must exist wherever the tests run in CI."""
     if request.param == "lock_free" and not batch_verify.lock_free():
-        if os.environ.get("CI"):
-            pytest.fail("server._ed25519_batch is not built (needs a C compiler at `pip install`)")
-        pytest.skip("server._ed25519_batch is not built here")
+        missing_service("server._ed25519_batch", NOT_BUILT)
     if request.param == "per_call":
         monkeypatch.setattr(batch_verify, "_ed25519_batch", None)
     return request.param
@@ -85,7 +82,7 @@ def test_agrees_with_an_independent_verifier(path, cases, bit):
 
 def test_the_extension_refuses_what_is_not_a_job():
     if not batch_verify.lock_free():
-        pytest.skip("server._ed25519_batch is not built here")
+        missing_service("server._ed25519_batch", NOT_BUILT)
     from server import _ed25519_batch
 
     address = batch_verify._verify_address()
