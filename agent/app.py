@@ -15,22 +15,22 @@ import time
 from collections import Counter
 from typing import Any
 
-from agent import metrics
-from agent.battery_view import BatteryView, SlotState
-from agent.config import AgentConfig
-from agent.control import ControlServer
-from agent.decoders.station import StationCommand, parse
-from agent.identity import Bindings
-from agent.outbox import Outbox
-from agent.readings import DecodeError
-from agent.sealer import Draft, Refused, Sealer
-from agent.sources.can_bus import CanSource
-from agent.sources.serial_port import serial_source
-from agent.uplink import Uplink
-from agent.workflows.gateway import Gateway
-from agent.workflows.maintenance_rig import MaintenanceRig, RigError
-from agent.workflows.swap_station import SwapStation
-from protocol import keys
+from battery_trace.agent import metrics
+from battery_trace.agent.battery_view import BatteryView, SlotState
+from battery_trace.agent.config import AgentConfig
+from battery_trace.agent.control import ControlServer
+from battery_trace.agent.decoders.station import StationCommand, parse
+from battery_trace.agent.identity import Bindings
+from battery_trace.agent.outbox import Outbox
+from battery_trace.agent.readings import DecodeError
+from battery_trace.agent.sealer import Draft, Refused, Sealer
+from battery_trace.agent.sources.can_bus import CanSource
+from battery_trace.agent.sources.serial_port import serial_source
+from battery_trace.agent.uplink import Uplink
+from battery_trace.agent.workflows.gateway import Gateway
+from battery_trace.agent.workflows.maintenance_rig import MaintenanceRig, RigError
+from battery_trace.agent.workflows.swap_station import SwapStation
+from battery_trace.protocol import keys
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.identity import Bindings
-from agent.readings import Health, Identity, Reading
-from protocol import battery_code
+from battery_trace.agent.identity import Bindings
+from battery_trace.agent.readings import Health, Identity, Reading
+from battery_trace.protocol import battery_code
 
 
 @dataclass

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.decoders import daly, dbc
-from agent.decoders.dbc import HEALTH_FIELDS, CodeMapping, DbcError, DbcMapping
-from agent.sources.can_bus import CanSettings
-from agent.sources.serial_port import SerialSettings
-from agent.uplink import MqttSettings
-from protocol import battery_code, keys, tls
-from protocol.events import ROLES
-from protocol.settings import ConfigError, Section, load_toml
-from protocol.topics import device_id_problem
+from battery_trace.agent.decoders import daly, dbc
+from battery_trace.agent.decoders.dbc import HEALTH_FIELDS, CodeMapping, DbcError, DbcMapping
+from battery_trace.agent.sources.can_bus import CanSettings
+from battery_trace.agent.sources.serial_port import SerialSettings
+from battery_trace.agent.uplink import MqttSettings
+from battery_trace.protocol import battery_code, keys
+from battery_trace.protocol.events import ROLES
+from battery_trace.protocol.topics import device_id_problem
+
+from battery_trace import tls
+from battery_trace.settings import ConfigError, Section, load_toml
 
 SITE_KINDS = ("gateway", "swap_station", "maintenance_rig", "submitter")
 BMS_PROTOCOLS = ("jbd", "daly")

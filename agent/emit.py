@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.sealer import Draft
-from protocol import events
-from protocol.battery_code import normalise
-from protocol.events import EVENT_TYPES, Kind
+from battery_trace.agent.sealer import Draft
+from battery_trace.protocol import events
+from battery_trace.protocol.battery_code import normalise
+from battery_trace.protocol.events import EVENT_TYPES, Kind
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 

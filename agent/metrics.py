@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from agent.control import metric_lines
+from battery_trace.agent.control import metric_lines
 
 if TYPE_CHECKING:
-    from agent.app import Agent
+    from battery_trace.agent.app import Agent
 
 
 def render(agent: Agent) -> str:

@@ -19,10 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.decoders import daly, gbt27930, j1939, jbd
-from agent.decoders.dbc import DbcDecoder, DbcMapping
-from agent.decoders.j1939 import CanFrame
-from agent.readings import DecodeError, Health, Identity
+from battery_trace.agent.decoders import daly, gbt27930, j1939, jbd
+from battery_trace.agent.decoders.dbc import DbcDecoder, DbcMapping
+from battery_trace.agent.decoders.j1939 import CanFrame
+from battery_trace.agent.readings import DecodeError, Health, Identity
 
 CAN_LOG_SUFFIXES = (".asc", ".blf", ".csv", ".log", ".trc")
 # "(1700000000.123456) can0 18FF5300#0102", "18FF5300#0102", "can0  18FF5300   [2]  01 02"
@@ -190,7 +190,7 @@ def run(protocol: str, source: str, dbc: Path | None, out: TextIO, err: TextIO) 
         if protocol == "gbt27930":
             decode_gbt27930(frames, printer)
         else:
-            from agent.decoders import dbc as dbc_module
+            from battery_trace.agent.decoders import dbc as dbc_module
 
             assert dbc is not None
             decode_dbc(frames, DbcDecoder(dbc_module.load(dbc, DbcMapping()), DbcMapping()), printer)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.events import ZERO_HASH
+from battery_trace.protocol.events import ZERO_HASH
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain (

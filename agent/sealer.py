@@ -13,9 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.outbox import Outbox
-from protocol import envelope, events
-from protocol.keys import PrivateKey
+from battery_trace.agent.outbox import Outbox
+from battery_trace.protocol import envelope, events
+from battery_trace.protocol.keys import PrivateKey
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from battery_trace.agent.outbox import Outbox
+from battery_trace.protocol import receipts, topics
+from battery_trace.protocol.keys import PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.outbox import Outbox
-from protocol import receipts, topics
-from protocol.keys import PublicKey
-from protocol.tls import TlsFiles, client_context
+from battery_trace.tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.protocol import keys
+from battery_trace.server.store import Store
+
 from bench.machine import describe
-from firmware_stubs.jbd_bms import JbdBms, PackState
-from firmware_stubs.pty_link import PtyLink
 from harness import agents, collectors
 from harness.broker import Broker
-from protocol import keys
-from server.store import Store
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -143,8 +144,8 @@ def footprint(workdir: Path, slots: int, seconds: float, warmup: float) -> dict[
 
 
 def seal_rate(workdir: Path, count: int) -> dict[str, float]:
-    from agent.outbox import Outbox
-    from agent.sealer import Draft, Sealer
+    from battery_trace.agent.outbox import Outbox
+    from battery_trace.agent.sealer import Draft, Sealer
 
     key = keys.generate()
     outbox = Outbox(workdir / "seal-outbox.sqlite")

@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from battery_trace.protocol import keys
+from battery_trace.server.store import Store
+
 from bench import limits
 from bench.agent_footprint import recording, station
 from bench.collector_rates import Bench
@@ -25,8 +28,6 @@ from bench.machine import describe
 from harness import agents
 from harness.broker import Broker
 from harness.waiting import wait_until
-from protocol import keys
-from server.store import Store
 
 IN_FLIGHT = 200  # the agent's default max_in_flight
 

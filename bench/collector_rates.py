@@ -29,14 +29,15 @@ import threading
 import time
 from pathlib import Path
 
+from battery_trace.protocol import envelope, events, keys, receipts
+from battery_trace.server.store import Store
+
 from bench import limits
 from bench.machine import describe
 from harness import collectors
 from harness.broker import Broker
 from harness.postgres import PostgresCluster
 from harness.publisher import Publisher
-from protocol import envelope, events, keys, receipts
-from server.store import Store
 
 CELLS = [3.301 + (i % 7) / 1000 for i in range(24)]
 

@@ -12,10 +12,10 @@ import argparse
 import time
 from collections.abc import Callable
 
+from battery_trace.protocol import envelope, events, keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bench.machine import describe
-from protocol import envelope, events, keys
 
 CODE = "0RJPEA00HAU0AAG1C3000123"
 HEALTH = {"voltage_v": 352.6, "current_a": -12.5, "soc_pct": 63, "cells_v": [3.41] * 96, "temps_c": [31] * 12}

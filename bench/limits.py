@@ -21,18 +21,18 @@ import uuid
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
+from battery_trace.protocol import envelope
+from battery_trace.protocol.keys import PrivateKey, PublicKey
+from battery_trace.server import batch_verify, receipts, verify
+from battery_trace.server.records import Accepted
+from battery_trace.server.store import Store
+from battery_trace.server.store.db import Database
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from harness.broker import Broker
 from harness.publisher import Publisher
-from protocol import envelope
-from protocol.keys import PrivateKey, PublicKey
-from server import batch_verify, receipts, verify
-from server.records import Accepted
-from server.store import Store
-from server.store.db import Database
 
 COLUMNS = (
     ("kid", "blob"),

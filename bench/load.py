@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import aiomqtt
+from battery_trace.protocol import envelope, events, keys, receipts, topics
+from battery_trace.server.store import Store
 
 from bench.agent_footprint import proc_sample, station
 from bench.collector_rates import CELLS
@@ -36,8 +38,6 @@ from bench.machine import describe
 from harness import agents, collectors
 from harness.broker import Broker
 from harness.postgres import PostgresCluster
-from protocol import envelope, events, keys, receipts, topics
-from server.store import Store
 
 WARMUP_S = 30.0
 

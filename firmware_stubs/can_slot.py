@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from firmware_stubs import gbt27930_bms
-from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
+from battery_trace.firmware_stubs import gbt27930_bms
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
 
 
 class CanSlot:

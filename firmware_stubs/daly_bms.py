@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.serial_stub import Faults, SerialStub, run_cli
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.serial_stub import Faults, SerialStub, run_cli
 
 
 @dataclass

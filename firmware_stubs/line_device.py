@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.pty_link import PtyLink
 
 
 class LineDevice:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.pty_link import PtyLink
 
 
 @dataclass

@@ -19,9 +19,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from firmware_stubs import dbc_pack, gbt27930_bms
-from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.serial_stub import SerialStub
+from battery_trace.firmware_stubs import dbc_pack, gbt27930_bms
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.serial_stub import SerialStub
 
 
 def slcan_line(arbitration_id: int, data: bytes, extended: bool = True) -> bytes:

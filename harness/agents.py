@@ -51,7 +51,9 @@ def write_config(
 
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "-c", str(config)], stdout=out, stderr=out)
+        return subprocess.Popen(
+            [sys.executable, "-m", "battery_trace.agent.cli", "run", "-c", str(config)], stdout=out, stderr=out
+        )
 
 
 def status(port: int) -> dict[str, Any] | None:

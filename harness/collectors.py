@@ -35,7 +35,9 @@ def write_config(
 
 def start(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "run", "-c", str(config)], stdout=out, stderr=out)
+        return subprocess.Popen(
+            [sys.executable, "-m", "battery_trace.server.cli", "run", "-c", str(config)], stdout=out, stderr=out
+        )
 
 
 def wait_subscribed(log: Path, timeout: float = 30, after: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""``battery-demo``: the whole system on this machine, through the real programs.
+"""The demo (`bash scripts/demo.sh`): the whole system on this machine, through the real programs.
 
 A private mosquitto; ``battery-server run`` on SQLite with its dashboard; three swap stations (GB/T
 27930 BMSs on slcan USB-CAN adapters, label scanners, a PLC), a maintenance rig (a Daly BMS), a BMS
@@ -23,11 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from firmware_stubs import gbt27930_bms
+from battery_trace.firmware_stubs import gbt27930_bms
+from battery_trace.protocol import cbor, envelope, events, keys
+
 from harness.broker import Broker, BrokerUnavailable, free_port
 from harness.demo_sites import Gateway, Rig, Site, Submitter, SwapStation, cli
 from harness.publisher import Publisher
-from protocol import cbor, envelope, events, keys
 
 CODES = {n: f"0RJPEA00HAU0AAG1C3000{n}" for n in range(101, 111)}
 HERO = CODES[101]
@@ -56,13 +57,13 @@ class Demo:
         (self.dir / "server").mkdir(parents=True, exist_ok=True)
         self.web_port = free_port()
         self.server_toml.write_text(
-            "# written by battery-demo\n"
+            "# written by the demo\n"
             '[store]\nurl = "sqlite:record.sqlite"\n[server]\nkey = "server.key"\n'
             f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
             "[intake]\nbatch_ms = 20\nsweep_interval_s = 5\n"
             f'[web]\nlisten = "127.0.0.1:{self.web_port}"\ntoken_file = "web.token"\n'
         )
-        server_hex = cli("server.cli", "pubkey", "-c", str(self.server_toml)).stdout.strip()
+        server_hex = cli("battery_trace.server.cli", "pubkey", "-c", str(self.server_toml)).stdout.strip()
         d = self.dir / "sites"
         self.stations = [
             SwapStation(f"station-{n}", "swap_operator", "swap_station", d / f"station-{n}") for n in (1, 2, 3)
@@ -99,7 +100,9 @@ class Demo:
         import subprocess
 
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "run", "-c", str(self.server_toml)], stdout=log, stderr=log
+            [sys.executable, "-m", "battery_trace.server.cli", "run", "-c", str(self.server_toml)],
+            stdout=log,
+            stderr=log,
         )
         token_file = self.dir / "server" / "web.token"
         for _ in range(100):
@@ -314,7 +317,7 @@ class Demo:
             print()
 
     def summary(self) -> None:
-        from server.store import Store
+        from battery_trace.server.store import Store
 
         store = Store(f"sqlite:{self.record}")
         counts = store.counts()
@@ -333,7 +336,7 @@ class Demo:
             print(f"\n  the story stopped at: {self.story_error} (logs in {self.dir})")
         store.close()
         print(f"\n== The life of battery {HERO} (battery-server trace) ==")
-        print(cli("server.cli", "trace", HERO, "-c", str(self.server_toml), check=False).stdout.rstrip())
+        print(cli("battery_trace.server.cli", "trace", HERO, "-c", str(self.server_toml), check=False).stdout.rstrip())
         print(f"\nData and logs: {self.dir}. Run again to continue, or with --fresh to start clean.")
 
 
@@ -349,9 +352,9 @@ def _count(db: Path, sql: str, params: tuple = ()) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="battery-demo",
+        prog="scripts/demo.sh",
         description=__doc__.split("\n\n")[0],
-        epilog="examples:\n  battery-demo\n  battery-demo --duration 120 --fresh",
+        epilog="examples:\n  bash scripts/demo.sh\n  bash scripts/demo.sh --duration 120 --fresh",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default: %(default)s)")

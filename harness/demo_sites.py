@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware_stubs import gbt27930_bms
-from firmware_stubs.can_slot import CanSlot
-from firmware_stubs.daly_bms import DalyBms, DalyPack
-from firmware_stubs.jbd_bms import JbdBms, PackState
-from firmware_stubs.line_device import LineDevice
-from firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs import gbt27930_bms
+from battery_trace.firmware_stubs.can_slot import CanSlot
+from battery_trace.firmware_stubs.daly_bms import DalyBms, DalyPack
+from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+from battery_trace.firmware_stubs.line_device import LineDevice
+from battery_trace.firmware_stubs.pty_link import PtyLink
+
 from harness import agents
 from harness.broker import Broker
 
@@ -50,11 +51,11 @@ class Site:
         """Key (once) and enrolment (once), as an operator would."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if not self.key.exists():
-            cli("agent.cli", "keygen", "--out", str(self.key), "--json")
-        listed = json.loads(cli("server.cli", "devices", "list", "--json", "-c", str(server_toml)).stdout)
+            cli("battery_trace.agent.cli", "keygen", "--out", str(self.key), "--json")
+        listed = json.loads(cli("battery_trace.server.cli", "devices", "list", "--json", "-c", str(server_toml)).stdout)
         if not any(d["device"] == self.name for d in listed):
             cli(
-                "server.cli",
+                "battery_trace.server.cli",
                 "devices",
                 "enroll",
                 self.name,
@@ -138,7 +139,7 @@ class Rig(Site):
         )
 
     def confirm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return cli("agent.cli", "confirm", *args, "-c", str(self.config), check=False)
+        return cli("battery_trace.agent.cli", "confirm", *args, "-c", str(self.config), check=False)
 
 
 class Gateway(Site):
@@ -164,4 +165,14 @@ class Submitter(Site):
     def emit_file(self, name: str, lines: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
         path = self.dir / name
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        return cli("agent.cli", "emit", "--file", str(path), "-c", str(self.config), "--timeout", "30", check=False)
+        return cli(
+            "battery_trace.agent.cli",
+            "emit",
+            "--file",
+            str(path),
+            "-c",
+            str(self.config),
+            "--timeout",
+            "30",
+            check=False,
+        )

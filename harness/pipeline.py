@@ -18,14 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_stubs.jbd_bms import JbdBms, PackState
-from firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.protocol import keys
+from battery_trace.server.audit import audit_chain
+from battery_trace.server.store import Store, StoreUnavailable
+
 from harness import agents, collectors
 from harness.broker import Broker
 from harness.waiting import wait_until
-from protocol import keys
-from server.audit import audit_chain
-from server.store import Store, StoreUnavailable
 
 CODES = ("0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000131", "0RJPEA00HAU0AAG1C300014X")
 

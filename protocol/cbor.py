@@ -35,7 +35,7 @@ from typing import Any
 import cbor2
 
 try:
-    from protocol import _cbor_check
+    from battery_trace.protocol import _cbor_check
 except ImportError:  # built at install where a C compiler is present; the cbor2 re-encoding serves otherwise
     _cbor_check = None  # type: ignore[assignment]
 

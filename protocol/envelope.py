@@ -14,8 +14,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from protocol import cbor
-from protocol.keys import PrivateKey, PublicKey
+from battery_trace.protocol import cbor
+from battery_trace.protocol.keys import PrivateKey, PublicKey
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1

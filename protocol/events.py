@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from protocol import battery_code, cbor
-from protocol.topics import DEVICE_ID_RULE, device_id_problem
+from battery_trace.protocol import battery_code, cbor
+from battery_trace.protocol.topics import DEVICE_ID_RULE, device_id_problem
 
 SCHEMA_VERSION = 1
 HASH_LENGTH = 32

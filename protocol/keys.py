@@ -19,7 +19,7 @@ import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from protocol.bounded_read import UnreadableInput, read_bounded
+from battery_trace.bounded_read import UnreadableInput, read_bounded
 
 KEY_ID_LENGTH = 16
 MAX_KEY_FILE = 16 * 1024

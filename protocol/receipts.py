@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol import cbor, envelope
-from protocol.events import MAX_SEQ, SCHEMA_VERSION
-from protocol.keys import PrivateKey, PublicKey
-from protocol.topics import device_id_problem
+from battery_trace.protocol import cbor, envelope
+from battery_trace.protocol.events import MAX_SEQ, SCHEMA_VERSION
+from battery_trace.protocol.keys import PrivateKey, PublicKey
+from battery_trace.protocol.topics import device_id_problem
 
 RECEIPT_TYPE = "receipt"
 

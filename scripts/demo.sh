@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
 cd "$root"
-exec "$venv/bin/battery-demo" "$@"
+exec "$venv/bin/python" -m harness.demo "$@"  # harness/ is demo and test infrastructure, not installed

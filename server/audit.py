@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from protocol import envelope, events
-from server.records import KeyRecord
+from battery_trace.protocol import envelope, events
+from battery_trace.server.records import KeyRecord
 
 
 @dataclass(frozen=True)

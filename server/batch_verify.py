@@ -19,15 +19,14 @@ import logging
 from collections.abc import Sequence
 
 import nacl.bindings
-
-from protocol.keys import PublicKey
+from battery_trace.protocol.keys import PublicKey
 
 log = logging.getLogger(__name__)
 
 Job = tuple[PublicKey, bytes, bytes]  # key, signed bytes, signature
 
 try:
-    from server import _ed25519_batch
+    from battery_trace.server import _ed25519_batch
 except ImportError:  # built with `pip install` where a C compiler is present; see the module docstring
     _ed25519_batch = None  # type: ignore[assignment]
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server import mqtt_packets as mp
+from battery_trace.server import mqtt_packets as mp
 
 log = logging.getLogger(__name__)
 _connections = itertools.count(1)  # numbers every connection of the process, so no two links share one

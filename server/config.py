@@ -12,12 +12,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import tls
-from protocol.events import EVENT_TYPES
-from protocol.settings import ConfigError, Section, load_toml
-from server.intake import IntakeSettings
-from server.rules import DEFAULT_DEADLINES_DAYS
-from server.store import RuleSettings
+from battery_trace.protocol.events import EVENT_TYPES
+from battery_trace.server.intake import IntakeSettings
+from battery_trace.server.rules import DEFAULT_DEADLINES_DAYS
+from battery_trace.server.store import RuleSettings
+
+from battery_trace import tls
+from battery_trace.settings import ConfigError, Section, load_toml
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from protocol import topics
-from protocol.keys import PrivateKey
-from protocol.tls import TlsFiles, client_context
-from server import metrics, receipts
-from server.broker_link import BrokerLink, LinkSettings
-from server.mqtt_packets import Message
-from server.records import Accepted, KeyRecord, Rejected
-from server.signatures import SignatureChecker
-from server.store import CommitResult, Store, StoreUnavailable
-from server.verify import Parsed, bad_signature, parse, postcheck, precheck, signature_job
+from battery_trace.protocol import topics
+from battery_trace.protocol.keys import PrivateKey
+from battery_trace.server import metrics, receipts
+from battery_trace.server.broker_link import BrokerLink, LinkSettings
+from battery_trace.server.mqtt_packets import Message
+from battery_trace.server.records import Accepted, KeyRecord, Rejected
+from battery_trace.server.signatures import SignatureChecker
+from battery_trace.server.store import CommitResult, Store, StoreUnavailable
+from battery_trace.server.verify import Parsed, bad_signature, parse, postcheck, precheck, signature_job
+
+from battery_trace.tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from battery_trace.protocol import topics
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from protocol import topics
 
 Kind = Literal["broker", "device", "collector"]
 KINDS: tuple[Kind, ...] = ("broker", "device", "collector")

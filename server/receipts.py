@@ -6,8 +6,8 @@ previous receipt, and repeating one is harmless (the watermark never goes down).
 
 from __future__ import annotations
 
-from protocol import receipts, topics
-from protocol.keys import PrivateKey
+from battery_trace.protocol import receipts, topics
+from battery_trace.protocol.keys import PrivateKey
 
 
 def issue(watermarks: dict[bytes, tuple[str, int]], server_key: PrivateKey, now_ms: int) -> list[tuple[str, bytes]]:

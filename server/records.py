@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.envelope import Envelope
-from protocol.events import Event, FieldError
-from protocol.keys import PublicKey
+from battery_trace.protocol.envelope import Envelope
+from battery_trace.protocol.events import Event, FieldError
+from battery_trace.protocol.keys import PublicKey
 
 
 @dataclass(frozen=True)

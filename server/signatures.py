@@ -14,7 +14,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from server.batch_verify import Job, verify_all
+from battery_trace.server.batch_verify import Job, verify_all
 
 
 class SignatureChecker:

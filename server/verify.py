@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol import cbor, envelope, events, topics
-from protocol.keys import PublicKey
-from server.records import Accepted, KeyRecord, Rejected
+from battery_trace.protocol import cbor, envelope, events, topics
+from battery_trace.protocol.keys import PublicKey
+from battery_trace.server.records import Accepted, KeyRecord, Rejected
 
 REASONS = (
     "too_large",

@@ -87,9 +87,10 @@ class RecordServer:
     """A collector process on a private broker, its SQLite record, and helpers to enrol devices."""
 
     def __init__(self, workdir: Path, broker: Broker) -> None:
+        from battery_trace.protocol import keys
+        from battery_trace.server.store import Store
+
         from harness import collectors
-        from protocol import keys
-        from server.store import Store
 
         self.workdir = workdir
         self.broker = broker
@@ -105,7 +106,7 @@ class RecordServer:
 
     def device(self, name: str, role: str) -> Path:
         """Enrol a new device; returns the path of its private key."""
-        from protocol import keys
+        from battery_trace.protocol import keys
 
         key = keys.generate()
         path = self.workdir / f"{name}.key"
@@ -114,7 +115,7 @@ class RecordServer:
         return path
 
     def events(self, event_type: str | None = None) -> list:
-        from protocol import envelope, events
+        from battery_trace.protocol import envelope, events
 
         rows = self.store.export(0, 4e12)
         out = [events.decode(envelope.decode(r[9]).payload) for r in rows]

@@ -1,6 +1,6 @@
 """One valid set of fields for every event type, for tests that need realistic events."""
 
-from protocol import events
+from battery_trace.protocol import events
 
 PACK = "0RJPEA00HAU0AAG1C3000123"
 PACK_2 = "0RJPEA00HAU0AAG1C3000124"

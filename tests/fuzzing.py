@@ -26,15 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import config as agent_config
-from agent.decoders import daly, dbc, gbt27930, jbd, scanner, station
-from agent.decoders.j1939 import CanFrame, TransportReassembler
-from agent.readings import DecodeError
-from protocol import battery_code, cbor, envelope, events, keys, receipts, topics
-from protocol.settings import ConfigError
-from server import config as server_config
-from server import mqtt_packets, verify
-from server.records import Accepted, KeyRecord, Rejected
+from battery_trace.agent import config as agent_config
+from battery_trace.agent.decoders import daly, dbc, gbt27930, jbd, scanner, station
+from battery_trace.agent.decoders.j1939 import CanFrame, TransportReassembler
+from battery_trace.agent.readings import DecodeError
+from battery_trace.protocol import battery_code, cbor, envelope, events, keys, receipts, topics
+from battery_trace.server import config as server_config
+from battery_trace.server import mqtt_packets, verify
+from battery_trace.server.records import Accepted, KeyRecord, Rejected
+
+from battery_trace.settings import ConfigError
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 DEVICE_KEY = keys.PrivateKey(bytes(range(32)))  # fixed, so corpus files stay meaningful across runs
@@ -183,7 +184,8 @@ def fuzz_gbt27930(data: bytes) -> None:
 
 @functools.cache
 def _dbc_decoder() -> tuple[dbc.DbcDecoder, tuple[int, ...]]:
-    from firmware_stubs import dbc_pack
+    from battery_trace.firmware_stubs import dbc_pack
+
     from tests.test_dbc import DBC, MAPPING
 
     ids = (dbc_pack.STATUS_ID, dbc_pack.CELLS_ID, dbc_pack.IDENTITY_ID, 0x123)
@@ -241,7 +243,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 def seeds() -> dict[str, dict[str, bytes]]:
     """Valid inputs of every target (from the protocol's encoders, the firmware stubs and configs/),
     and hand-made hostile ones: what the fuzzers start from and what CI replays."""
-    from firmware_stubs import daly_bms, gbt27930_bms, jbd_bms
+    from battery_trace.firmware_stubs import daly_bms, gbt27930_bms, jbd_bms
+
     from tests.event_examples import FIELDS, event
 
     configs = Path(__file__).resolve().parent.parent / "configs"
@@ -310,7 +313,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
 
 def _dbc_frames() -> list[bytes]:
     """The stub's frames, in the order of _dbc_decoder's identifiers."""
-    from firmware_stubs import dbc_pack
+    from battery_trace.firmware_stubs import dbc_pack
 
     pack = dbc_pack.VendorPack()
     return [dbc_pack.status(pack)[1], dbc_pack.cells(pack)[1], *(d for _, d in dbc_pack.identity(pack))]

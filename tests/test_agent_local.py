@@ -13,17 +13,17 @@ from pathlib import Path
 
 import can
 import pytest
+from battery_trace.agent.decoders import dbc
+from battery_trace.agent.readings import Health, Identity
+from battery_trace.agent.sources.can_bus import CanSettings, CanSource
+from battery_trace.firmware_stubs import dbc_pack
+from battery_trace.firmware_stubs.jbd_bms import JbdBms
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.protocol import keys
 
-from agent.decoders import dbc
-from agent.readings import Health, Identity
-from agent.sources.can_bus import CanSettings, CanSource
-from firmware_stubs import dbc_pack
-from firmware_stubs.jbd_bms import JbdBms
-from firmware_stubs.pty_link import PtyLink
 from harness import agents
 from harness.broker import free_port
 from harness.waiting import wait_until
-from protocol import keys
 from tests.test_dbc import DBC, MAPPING
 
 CODE = "0RJPEA00HAU0AAG1C3000123"

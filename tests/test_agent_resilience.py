@@ -9,17 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+from battery_trace.firmware_stubs import gbt27930_bms
+from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
+from battery_trace.protocol import keys, receipts
+from battery_trace.server.audit import audit_chain
 
-from firmware_stubs import gbt27930_bms
-from firmware_stubs.jbd_bms import JbdBms, PackState
-from firmware_stubs.pty_link import PtyLink
-from firmware_stubs.slcan_adapter import Player, SlcanAdapter, gbt27930_frames
 from harness import agents
 from harness.pipeline import chain_head, quiet_config
 from harness.publisher import Publisher
 from harness.waiting import wait_until
-from protocol import keys, receipts
-from server.audit import audit_chain
 
 pytestmark = pytest.mark.integration
 CODE = "0RJPEA00HAU0AAG1C3000123"

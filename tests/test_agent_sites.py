@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from battery_trace.firmware_stubs import gbt27930_bms
+from battery_trace.firmware_stubs.can_slot import CanSlot
+from battery_trace.firmware_stubs.daly_bms import DalyBms, DalyPack
+from battery_trace.firmware_stubs.line_device import LineDevice
+from battery_trace.firmware_stubs.pty_link import PtyLink
 
-from firmware_stubs import gbt27930_bms
-from firmware_stubs.can_slot import CanSlot
-from firmware_stubs.daly_bms import DalyBms, DalyPack
-from firmware_stubs.line_device import LineDevice
-from firmware_stubs.pty_link import PtyLink
 from harness import agents
 from harness.waiting import wait_until
 
@@ -109,7 +109,7 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
     agent = agents.start(config, tmp_path / "agent.log")
 
     def confirm(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "agent.cli", "confirm", *args, "-c", str(config)]
+        command = [sys.executable, "-m", "battery_trace.agent.cli", "confirm", *args, "-c", str(config)]
         return subprocess.run(command, capture_output=True, text=True, timeout=30)
 
     try:

@@ -7,12 +7,12 @@ thread), not asserted here.
 """
 
 import pytest
+from battery_trace.protocol import keys
+from battery_trace.server import batch_verify
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import keys
-from server import batch_verify
 from tests.conftest import NOT_BUILT, missing_service
 
 KEYS = [keys.generate() for _ in range(3)]
@@ -22,7 +22,7 @@ KEYS = [keys.generate() for _ in range(3)]
 def path(request, monkeypatch):
     """Run a test through each path; the lock-free one must exist wherever the tests run in CI."""
     if request.param == "lock_free" and not batch_verify.lock_free():
-        missing_service("server._ed25519_batch", NOT_BUILT)
+        missing_service("battery_trace.server._ed25519_batch", NOT_BUILT)
     if request.param == "per_call":
         monkeypatch.setattr(batch_verify, "_ed25519_batch", None)
     return request.param
@@ -82,8 +82,8 @@ def test_agrees_with_an_independent_verifier(path, cases, bit):
 
 def test_the_extension_refuses_what_is_not_a_job():
     if not batch_verify.lock_free():
-        missing_service("server._ed25519_batch", NOT_BUILT)
-    from server import _ed25519_batch
+        missing_service("battery_trace.server._ed25519_batch", NOT_BUILT)
+    from battery_trace.server import _ed25519_batch
 
     address = batch_verify._verify_address()
     with pytest.raises(TypeError, match="job 1 must be a tuple"):

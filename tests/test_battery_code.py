@@ -3,10 +3,9 @@
 import datetime as dt
 
 import pytest
+from battery_trace.protocol import battery_code as bc
 from hypothesis import given
 from hypothesis import strategies as st
-
-from protocol import battery_code as bc
 
 EXAMPLE = "0RJPEA00HAU0AAG1C3000123"  # protocols.md §1
 

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from battery_trace.protocol import keys
+from battery_trace.server.store import Store
 
 from harness import collectors
 from harness.broker import free_port
 from harness.publisher import Publisher
 from harness.waiting import wait_until
-from protocol import keys
-from server.store import Store
 from tests.conftest import missing_service
 from tests.world import DAY, World
 
@@ -65,7 +65,7 @@ def running_server(tmp_path, broker):
     log = tmp_path / "server.log"
     with open(log, "ab") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "run", "-c", str(config)], stdout=out, stderr=out
+            [sys.executable, "-m", "battery_trace.server.cli", "run", "-c", str(config)], stdout=out, stderr=out
         )
     collectors.wait_subscribed(log)
     maker, station = world.device("maker-1", "vehicle_maker"), world.device("station-1", "swap_operator")

@@ -5,10 +5,10 @@ import struct
 
 import cbor2
 import pytest
+from battery_trace.protocol import cbor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor
 from tests.conftest import NOT_BUILT, missing_service
 
 scalars = (
@@ -147,7 +147,7 @@ def _same(a, b):
 def fast_path(request, monkeypatch):
     """Each deterministic fast path: the C form check (which CI must have built) and cbor2 re-encoding."""
     if request.param == "c_check" and cbor._cbor_check is None:
-        missing_service("protocol._cbor_check", NOT_BUILT)
+        missing_service("battery_trace.protocol._cbor_check", NOT_BUILT)
     if request.param == "cbor2_reencode":
         monkeypatch.setattr(cbor, "_cbor_check", None)
     return request.param
@@ -234,7 +234,7 @@ def test_the_c_check_takes_int_keyed_maps_in_bytewise_order(fast_path):
 def test_the_c_check_accepts_every_deterministic_encoding(value):
     """No needless trips to the slow strict decoder: whatever our encoder writes, the C check vouches for."""
     if cbor._cbor_check is None:
-        missing_service("protocol._cbor_check", NOT_BUILT)
+        missing_service("battery_trace.protocol._cbor_check", NOT_BUILT)
     encoded = cbor.encode(value)
     assert cbor._cbor_check.deterministic(encoded, cbor.MAX_DEPTH)
     assert _same(cbor._fast(encoded, True, frozenset(), cbor.MAX_DEPTH), value)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import cbor2
+from battery_trace.protocol import envelope, events, keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import envelope, events, keys
 from tests.event_examples import PACK, event
 
 BIN = Path(sys.executable).parent

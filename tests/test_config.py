@@ -7,14 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from battery_trace.agent import config as agent_config
+from battery_trace.protocol import keys
+from battery_trace.server import config as server_config
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from agent import config as agent_config
-from protocol import keys
-from protocol.settings import ConfigError
-from server import config as server_config
+from battery_trace.settings import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

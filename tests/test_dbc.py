@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from battery_trace.agent.decoders import dbc
+from battery_trace.agent.decoders.j1939 import CanFrame
+from battery_trace.agent.readings import DecodeError, Health, Identity
+from battery_trace.firmware_stubs import dbc_pack
 from hypothesis import given
 from hypothesis import strategies as st
-
-from agent.decoders import dbc
-from agent.decoders.j1939 import CanFrame
-from agent.readings import DecodeError, Health, Identity
-from firmware_stubs import dbc_pack
 
 DBC = Path(__file__).parent.parent / "configs" / "vendor-pack.dbc"
 MAPPING = dbc.DbcMapping(

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import can
+from battery_trace.firmware_stubs import dbc_pack, gbt27930_bms, jbd_bms
 
-from firmware_stubs import dbc_pack, gbt27930_bms, jbd_bms
 from tests.test_dbc import DBC
 
 SESSION = [(f.arbitration_id, f.data) for f in gbt27930_bms.charging_session(gbt27930_bms.Pack(), rounds=2)]
@@ -18,7 +18,11 @@ SESSION = [(f.arbitration_id, f.data) for f in gbt27930_bms.charging_session(gbt
 
 def decode(*args: str, stdin: str | None = None) -> tuple[int, list[dict], str]:
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "decode", *args], input=stdin, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "battery_trace.agent.cli", "decode", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines()], done.stderr
 

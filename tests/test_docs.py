@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from protocol import events
-from server.verify import REASONS
+from battery_trace.protocol import events
+from battery_trace.server.verify import REASONS
 
 ROOT = Path(__file__).parent.parent
 
@@ -36,8 +36,8 @@ def test_readme_commands_exist():
 
 
 def test_every_api_route_is_documented():
-    from server.store import Store
-    from server.web.app import create_app
+    from battery_trace.server.store import Store
+    from battery_trace.server.web.app import create_app
 
     doc = (ROOT / "docs" / "api.md").read_text()
     app = create_app(Store.__new__(Store), "t", lambda: (True, "ok"))
@@ -48,7 +48,7 @@ def test_every_api_route_is_documented():
 
 
 def test_integrator_guide_names_every_plc_and_keypad_command_and_site_kind():
-    from agent.config import SITE_KINDS
+    from battery_trace.agent.config import SITE_KINDS
 
     guide = (ROOT / "docs" / "integrator-guide.md").read_text()
     for word in ("VEHICLE <VIN>", "OUT <slot>", "IN <slot>", "DONE", "ABORT", "CONFIRM <action>", "REPLACE <new code>"):
@@ -61,7 +61,7 @@ def test_the_grafana_dashboard_queries_metrics_that_exist():
     import json
     import re
 
-    from server import metrics
+    from battery_trace.server import metrics
 
     dashboard = json.loads((ROOT / "configs" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from battery_trace.agent import emit
+from battery_trace.agent.sealer import Draft
+from battery_trace.protocol.events import Kind
 
-from agent import emit
-from agent.sealer import Draft
 from harness import agents
-from protocol.events import Kind
 
 PACK = "0RJPEA00HAU0AAG1C3000123"
 NOW = 1_767_225_600_000
@@ -92,7 +92,7 @@ def test_emit_seals_delivers_and_is_receipted(tmp_path, record_server):
     )
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "agent.cli", "emit", *args, "-c", str(config), "--timeout", "20"]
+        command = [sys.executable, "-m", "battery_trace.agent.cli", "emit", *args, "-c", str(config), "--timeout", "20"]
         return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
     one = run(

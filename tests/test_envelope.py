@@ -9,12 +9,11 @@ import hashlib
 
 import cbor2
 import pytest
+from battery_trace.protocol import envelope, keys
+from battery_trace.protocol.keys import PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import given
 from hypothesis import strategies as st
-
-from protocol import envelope, keys
-from protocol.keys import PrivateKey
 
 RFC8032_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
 RFC8032_PUBLIC = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"

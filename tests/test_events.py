@@ -1,10 +1,10 @@
 """Lifecycle events: every type round-trips; every schema rule names its field and what is valid."""
 
 import pytest
+from battery_trace.protocol import cbor, events
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import cbor, events
 from tests.event_examples import FIELDS, PACK, event
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from battery_trace.agent.decoders import gbt27930
+from battery_trace.agent.decoders.j1939 import CanFrame, J1939Id, Message, TransportReassembler
+from battery_trace.agent.readings import DecodeError, Health, Identity
+from battery_trace.firmware_stubs import gbt27930_bms as stub
 from hypothesis import given
 from hypothesis import strategies as st
-
-from agent.decoders import gbt27930
-from agent.decoders.j1939 import CanFrame, J1939Id, Message, TransportReassembler
-from agent.readings import DecodeError, Health, Identity
-from firmware_stubs import gbt27930_bms as stub
 
 # protocols.md §2, verbatim
 REFERENCE = """

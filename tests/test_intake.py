@@ -11,11 +11,11 @@ import signal
 import time
 
 import pytest
+from battery_trace.protocol import cbor, envelope, events, keys, receipts
+from battery_trace.server.store import Store, StoreUnavailable
 
 from harness import collectors, waiting
 from harness.publisher import Publisher
-from protocol import cbor, envelope, events, keys, receipts
-from server.store import Store, StoreUnavailable
 from tests.conftest import private_cluster
 from tests.world import T0, World
 

@@ -1,12 +1,11 @@
 """JBD decoding: the vendor's example, stream framing with resynchronisation, and arbitrary bytes."""
 
 import pytest
+from battery_trace.agent.decoders import jbd
+from battery_trace.agent.readings import DecodeError, Health, Identity
+from battery_trace.firmware_stubs import jbd_bms
 from hypothesis import given
 from hypothesis import strategies as st
-
-from agent.decoders import jbd
-from agent.readings import DecodeError, Health, Identity
-from firmware_stubs import jbd_bms
 
 # protocols.md §3, from the vendor's protocol document
 EXAMPLE = bytes.fromhex(

@@ -4,10 +4,9 @@ import os
 import stat
 
 import pytest
+from battery_trace.protocol import keys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec as ec_key
-
-from protocol import keys
 
 
 def test_saved_key_is_private_and_loads_back(tmp_path):

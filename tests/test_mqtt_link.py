@@ -12,13 +12,13 @@ import time
 from dataclasses import replace
 
 import pytest
+from battery_trace.server import mqtt_packets as mp
+from battery_trace.server.broker_link import BrokerLink, LinkSettings
 from hypothesis import given
 from hypothesis import strategies as st
 
 from harness.publisher import Publisher
 from harness.waiting import wait_until
-from server import mqtt_packets as mp
-from server.broker_link import BrokerLink, LinkSettings
 from tests.fuzzing import fuzz_mqtt
 
 TOPIC = "$share/collectors/bt/v1/+/events"

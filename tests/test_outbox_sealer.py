@@ -1,10 +1,10 @@
 """Sealer and outbox: one transaction per event, a chain that survives pruning and restarts."""
 
 import pytest
+from battery_trace.agent.outbox import Outbox
+from battery_trace.agent.sealer import Draft, Refused, Sealer
+from battery_trace.protocol import envelope, events, keys
 
-from agent.outbox import Outbox
-from agent.sealer import Draft, Refused, Sealer
-from protocol import envelope, events, keys
 from tests.event_examples import FIELDS, T0
 
 
@@ -68,8 +68,8 @@ def test_a_failing_build_leaves_no_trace(sealer):
 
 
 def test_only_a_receipt_signed_by_the_server_key_prunes(tmp_path):
-    from agent.uplink import MqttSettings, Uplink
-    from protocol import receipts
+    from battery_trace.agent.uplink import MqttSettings, Uplink
+    from battery_trace.protocol import receipts
 
     server, device = keys.generate(), keys.generate()
     outbox = Outbox(tmp_path / "outbox.sqlite")

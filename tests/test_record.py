@@ -4,10 +4,10 @@ queries, audit and export."""
 from __future__ import annotations
 
 import pytest
+from battery_trace.server.audit import audit_chain
+from battery_trace.server.records import Rejected
+from battery_trace.server.store import RuleSettings, Store
 
-from server.audit import audit_chain
-from server.records import Rejected
-from server.store import RuleSettings, Store
 from tests.world import DAY, T0, World
 
 PACK, PACK_B, PACK_C = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124", "0RJPEA00HAU0AAG1C3000125"
@@ -134,7 +134,7 @@ def test_device_view_lists_missing_ranges(world):
 
 
 def test_rotation_keeps_earlier_events_and_refuses_later_ones(world):
-    from protocol import keys
+    from battery_trace.protocol import keys
 
     station = world.device("station-1", "swap_operator")
     before = station.seal("health", {"code": PACK, "health": HEALTH}, T0)

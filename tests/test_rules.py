@@ -2,8 +2,8 @@
 
 import itertools
 
-from server import rules
-from server.rules import EventFacts
+from battery_trace.server import rules
+from battery_trace.server.rules import EventFacts
 
 T0 = 1_767_225_600_000
 DAY = rules.DAY_MS

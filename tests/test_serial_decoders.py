@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from battery_trace.agent.decoders import daly, scanner, station
+from battery_trace.agent.readings import DecodeError, Health, Identity
+from battery_trace.firmware_stubs import daly_bms
 from hypothesis import given
 from hypothesis import strategies as st
-
-from agent.decoders import daly, scanner, station
-from agent.readings import DecodeError, Health, Identity
-from firmware_stubs import daly_bms
 
 EXAMPLE_ANSWER = bytes.fromhex("A5 01 90 08 02 FC 00 00 75 A1 00 00 52".replace(" ", ""))
 
@@ -117,10 +116,10 @@ def test_pollers_get_through_a_noisy_line(tmp_path, protocol):
     """Noise, flipped bits, cut frames and wrong checksums: readings still arrive, the rest is counted."""
     import asyncio
 
-    from agent.sources.serial_port import SerialSettings, serial_source
-    from firmware_stubs.jbd_bms import JbdBms
-    from firmware_stubs.pty_link import PtyLink
-    from firmware_stubs.serial_stub import Faults
+    from battery_trace.agent.sources.serial_port import SerialSettings, serial_source
+    from battery_trace.firmware_stubs.jbd_bms import JbdBms
+    from battery_trace.firmware_stubs.pty_link import PtyLink
+    from battery_trace.firmware_stubs.serial_stub import Faults
 
     faults = Faults(noise=0.3, bit_flip=0.15, truncate=0.1, bad_checksum=0.1, silent=0.05)
     link = PtyLink(tmp_path / "bms")

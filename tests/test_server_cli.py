@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from battery_trace.protocol import keys
+from battery_trace.server.store import Store
 
-from protocol import keys
-from server.store import Store
 from tests.world import DAY, T0, World
 
 BIN = Path(sys.executable).parent

@@ -3,15 +3,15 @@
 import time
 
 import pytest
+from battery_trace.protocol import cbor, envelope, events, keys
+from battery_trace.server import verify
+from battery_trace.server.records import Accepted, KeyRecord, Rejected
+from battery_trace.server.store import Store, StoreError
+from battery_trace.server.store.schema import MIGRATIONS
+from battery_trace.server.verify import REASONS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor, envelope, events, keys
-from server import verify
-from server.records import Accepted, KeyRecord, Rejected
-from server.store import Store, StoreError
-from server.store.schema import MIGRATIONS
-from server.verify import REASONS
 from tests.event_examples import PACK, event
 
 DEVICE_KEY = keys.generate()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from agent.battery_view import BatteryView
-from agent.decoders.station import StationCommand
-from agent.readings import Health, Identity
-from agent.sealer import Draft
-from agent.workflows.swap_station import SwapStation
+from battery_trace.agent.battery_view import BatteryView
+from battery_trace.agent.decoders.station import StationCommand
+from battery_trace.agent.readings import Health, Identity
+from battery_trace.agent.sealer import Draft
+from battery_trace.agent.workflows.swap_station import SwapStation
 
 VIN = "LNBSCB3F5PW100001"
 OLD, NEW, STOCK = (f"0RJPEA00HAU0AAG1C3000{n}" for n in (101, 102, 103))

@@ -3,8 +3,7 @@
 import re
 
 import pytest
-
-from protocol import envelope, keys, receipts, topics
+from battery_trace.protocol import envelope, keys, receipts, topics
 
 
 def test_topics_of_the_contract():

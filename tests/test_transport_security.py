@@ -12,17 +12,17 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from battery_trace.firmware_stubs.jbd_bms import JbdBms
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.protocol import keys
+from battery_trace.server.cli import main as server_main
+from battery_trace.server.store import Store
 from cryptography import x509
 
-from firmware_stubs.jbd_bms import JbdBms
-from firmware_stubs.pty_link import PtyLink
+from battery_trace.tls import TlsFiles, client_context
 from harness import agents, collectors
 from harness.broker import Broker, BrokerUnavailable
 from harness.waiting import wait_until
-from protocol import keys
-from protocol.tls import TlsFiles, client_context
-from server.cli import main as server_main
-from server.store import Store
 from tests.conftest import missing_service
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mosquitto-tls.conf"

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+from battery_trace.firmware_stubs.pty_link import PtyLink
+from battery_trace.protocol import envelope, events, keys
 
-from firmware_stubs.jbd_bms import JbdBms, PackState
-from firmware_stubs.pty_link import PtyLink
 from harness.waiting import wait_until
-from protocol import envelope, events, keys
 
 pytestmark = pytest.mark.integration
 CODE = "0RJPEA00HAU0AAG1C3000123"

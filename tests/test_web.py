@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from battery_trace.server.store import Store
+from battery_trace.server.web.app import create_app
 from starlette.testclient import TestClient
 
-from server.store import Store
-from server.web.app import create_app
 from tests.world import DAY, T0, World
 
 PACK, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"

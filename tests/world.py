@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol import envelope, events, keys
-from server import verify
-from server.records import Accepted, Rejected
-from server.store import CommitResult, Store
+from battery_trace.protocol import envelope, events, keys
+from battery_trace.server import verify
+from battery_trace.server.records import Accepted, Rejected
+from battery_trace.server.store import CommitResult, Store
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 DAY = 86_400_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from agent.cli import decode, identity, runtime, submit
+from battery_trace.agent.cli import decode, identity, runtime, submit
 
 EXAMPLES = """
 examples:

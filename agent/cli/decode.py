@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.cli.common import INVALID, OK, USAGE
+from battery_trace.agent.cli.common import INVALID, OK, USAGE
 
 
 def decode(args: argparse.Namespace) -> int:
-    from agent import offline_decode
-    from agent.decoders.dbc import DbcError
+    from battery_trace.agent import offline_decode
+    from battery_trace.agent.decoders.dbc import DbcError
 
     if args.protocol == "dbc" and not args.dbc:
         print("error: --protocol dbc needs --dbc FILE", file=sys.stderr)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from agent.cli.common import INVALID, OK, USAGE
-from protocol import battery_code, keys
+from battery_trace.agent.cli.common import INVALID, OK, USAGE
+from battery_trace.protocol import battery_code, keys
 
 
 def keygen(args: argparse.Namespace) -> int:

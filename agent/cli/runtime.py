@@ -14,22 +14,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import INVALID, OK, USAGE
-from protocol import keys
-from protocol.events import MAINTENANCE_ACTIONS
-from protocol.settings import ConfigError
+from battery_trace.agent.cli.common import INVALID, OK, USAGE
+from battery_trace.protocol import keys
+from battery_trace.protocol.events import MAINTENANCE_ACTIONS
+
+from battery_trace.settings import ConfigError
 
 RAW = argparse.RawDescriptionHelpFormatter
 
 
 def load(args: argparse.Namespace) -> Any:
-    from agent import config
+    from battery_trace.agent import config
 
     return config.load(Path(args.config))
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import app  # the runtime's dependencies are only needed to run
+    from battery_trace.agent import app  # the runtime's dependencies are only needed to run
 
     try:
         cfg = load(args)

@@ -10,21 +10,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli.common import INVALID, OK, USAGE
-from protocol import keys
-from protocol.events import EVENT_TYPES, SOURCES
-from protocol.settings import ConfigError
+from battery_trace.agent.cli.common import INVALID, OK, USAGE
+from battery_trace.protocol import keys
+from battery_trace.protocol.events import EVENT_TYPES, SOURCES
+
+from battery_trace.settings import ConfigError
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from battery_trace.agent.config import AgentConfig
 
 RAW = argparse.RawDescriptionHelpFormatter
 
 
 async def deliver(cfg: AgentConfig, timeout_s: float) -> bool:
     """Publish the outbox until a receipt covers all of it, or the time is up."""
-    from agent.outbox import Outbox
-    from agent.uplink import Uplink
+    from battery_trace.agent.outbox import Outbox
+    from battery_trace.agent.uplink import Uplink
 
     outbox = Outbox(cfg.outbox_path)
     key = keys.load_private(cfg.key_path)
@@ -46,10 +47,10 @@ async def deliver(cfg: AgentConfig, timeout_s: float) -> bool:
 
 
 def emit(args: argparse.Namespace) -> int:
-    from agent import config
-    from agent import emit as parsing
-    from agent.outbox import Outbox
-    from agent.sealer import Refused, Sealer
+    from battery_trace.agent import config
+    from battery_trace.agent import emit as parsing
+    from battery_trace.agent.outbox import Outbox
+    from battery_trace.agent.sealer import Refused, Sealer
 
     try:
         cfg = config.load(Path(args.config))

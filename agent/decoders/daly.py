@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.decoders import framing
-from agent.readings import DecodeError, Health, Identity, Reading
+from battery_trace.agent.decoders import framing
+from battery_trace.agent.readings import DecodeError, Health, Identity, Reading
 
 START = 0xA5
 FRAME_SIZE = 13

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import cantools
-
-from agent.decoders.j1939 import CanFrame
-from agent.readings import DecodeError, Health, Identity, Reading
+from battery_trace.agent.decoders.j1939 import CanFrame
+from battery_trace.agent.readings import DecodeError, Health, Identity, Reading
 
 HEALTH_FIELDS = (
     "voltage_v",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agent.readings import DecodeError
+from battery_trace.agent.readings import DecodeError
 
 F = TypeVar("F")
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.decoders.j1939 import Message
-from agent.readings import DecodeError, Health, Identity, Reading
+from battery_trace.agent.decoders.j1939 import Message
+from battery_trace.agent.readings import DecodeError, Health, Identity, Reading
 
 BMS_ADDRESS, CHARGER_ADDRESS = 0xF4, 0x56
 

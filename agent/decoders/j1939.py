@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.readings import DecodeError
+from battery_trace.agent.readings import DecodeError
 
 PGN_TP_CM = 0xEC00
 PGN_TP_DT = 0xEB00

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.decoders import framing
-from agent.readings import DecodeError, Health, Identity
+from battery_trace.agent.decoders import framing
+from battery_trace.agent.readings import DecodeError, Health, Identity
 
 START, END, READ = 0xDD, 0x77, 0xA5
 BASIC, CELLS, MODEL = 0x03, 0x04, 0x05

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from agent.readings import DecodeError, Identity
-from protocol.battery_code import normalise
+from battery_trace.agent.readings import DecodeError, Identity
+from battery_trace.protocol.battery_code import normalise
 
 MAX_LINE = 128
 T = TypeVar("T")

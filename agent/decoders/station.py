@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agent.readings import DecodeError
-from protocol.battery_code import normalise
-from protocol.events import MAINTENANCE_ACTIONS
+from battery_trace.agent.readings import DecodeError
+from battery_trace.protocol.battery_code import normalise
+from battery_trace.protocol.events import MAINTENANCE_ACTIONS
 
 _VIN = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import can
-
-from agent.decoders import gbt27930
-from agent.decoders.dbc import DbcDecoder, DbcMapping, load
-from agent.decoders.j1939 import CanFrame, TransportReassembler
-from agent.readings import DecodeError, Reading
+from battery_trace.agent.decoders import gbt27930
+from battery_trace.agent.decoders.dbc import DbcDecoder, DbcMapping, load
+from battery_trace.agent.decoders.j1939 import CanFrame, TransportReassembler
+from battery_trace.agent.readings import DecodeError, Reading
 
 log = logging.getLogger(__name__)
 QUEUE_BOUND = 10_000

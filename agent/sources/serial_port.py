@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import serial
-
-from agent.decoders import daly, jbd, scanner, station
-from agent.readings import DecodeError, Reading
+from battery_trace.agent.decoders import daly, jbd, scanner, station
+from battery_trace.agent.readings import DecodeError, Reading
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from agent.battery_view import BatteryView
-from agent.sealer import Draft, Refused
+from battery_trace.agent.battery_view import BatteryView
+from battery_trace.agent.sealer import Draft, Refused
 
 
 def health_drafts(view: BatteryView, now: float, max_age_s: float, since: dict[int, float]) -> list[Draft]:

@@ -9,10 +9,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from agent.battery_view import BatteryView
-from agent.decoders.station import StationCommand
-from agent.sealer import Draft, Refused
-from agent.workflows.gateway import Gateway
+from battery_trace.agent.battery_view import BatteryView
+from battery_trace.agent.decoders.station import StationCommand
+from battery_trace.agent.sealer import Draft, Refused
+from battery_trace.agent.workflows.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ import argparse
 import logging
 import sys
 
-from protocol import keys
-from protocol.settings import ConfigError
-from server.cli import envelopes, pki, record, registry, run
-from server.cli.common import USAGE, UsageError
+from battery_trace.protocol import keys
+from battery_trace.server.cli import envelopes, pki, record, registry, run
+from battery_trace.server.cli.common import USAGE, UsageError
+
+from battery_trace.settings import ConfigError
 
 EXAMPLES = """
 examples:
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.store import StoreUnavailable
+    from battery_trace.server.store import StoreUnavailable
 
     try:
         return args.func(args)

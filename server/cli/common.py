@@ -9,7 +9,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from protocol.bounded_read import UnreadableInput, read_bounded
+from battery_trace.bounded_read import UnreadableInput, read_bounded
 
 OK, INVALID, USAGE = 0, 1, 2
 MAX_INPUT = 16 * 1024 * 1024
@@ -65,13 +65,13 @@ def print_json(value: Any) -> None:
 
 
 def config(args: argparse.Namespace) -> Any:
-    from server import config as server_config
+    from battery_trace.server import config as server_config
 
     return server_config.load(Path(args.config) if args.config else None)
 
 
 def open_store(args: argparse.Namespace) -> Any:
-    from server.store import Store
+    from battery_trace.server.store import Store
 
     cfg = config(args)
     return Store(cfg.store_url, cfg.rules)

@@ -8,8 +8,8 @@ import json
 import sys
 from typing import Any
 
-from protocol import cbor, envelope, events, keys
-from server.cli.common import INVALID, OK, UsageError, print_json, read_input
+from battery_trace.protocol import cbor, envelope, events, keys
+from battery_trace.server.cli.common import INVALID, OK, UsageError, print_json, read_input
 
 
 def payload_view(payload: bytes) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.cli.common import INVALID, OK
-from server.pki import LEAF_DAYS, Kind, Pki, PkiError
+from battery_trace.server.cli.common import INVALID, OK
+from battery_trace.server.pki import LEAF_DAYS, Kind, Pki, PkiError
 
 EXAMPLES = """
 examples:
@@ -38,7 +38,7 @@ def _days(text: str) -> int:
 def _pki(args: argparse.Namespace) -> Pki:
     if args.dir:
         return Pki(Path(args.dir))
-    from server.config import home
+    from battery_trace.server.config import home
 
     return Pki(home() / "pki")
 

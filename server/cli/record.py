@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from server import rules
-from server.audit import audit_chain
-from server.cli.common import (
+from battery_trace.server import rules
+from battery_trace.server.audit import audit_chain
+from battery_trace.server.cli.common import (
     INVALID,
     OK,
     UsageError,
@@ -65,7 +65,7 @@ def _print_findings(found: list[dict[str, Any]]) -> None:
 
 
 def trace(args: argparse.Namespace) -> int:
-    from protocol.battery_code import normalise
+    from battery_trace.protocol.battery_code import normalise
 
     code = normalise(args.code)
     store = open_store(args)
@@ -304,7 +304,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  battery-server rejects --reason bad_signature --since 2026-11-01",
         formatter_class=raw,
     )
-    from server.verify import REASONS
+    from battery_trace.server.verify import REASONS
 
     r.add_argument("--reason", choices=REASONS)
     r.add_argument("--since", type=parse_time, help="ISO 8601 or Unix seconds")

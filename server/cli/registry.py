@@ -11,14 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protocol import keys
-from protocol.events import ROLES
-from protocol.topics import device_id_problem
-from server.cli.common import INVALID, OK, UsageError, add_config, add_json, config, iso, open_store, parse_time
-from server.records import KeyRecord
+from battery_trace.protocol import keys
+from battery_trace.protocol.events import ROLES
+from battery_trace.protocol.topics import device_id_problem
+from battery_trace.server.cli.common import (
+    INVALID,
+    OK,
+    UsageError,
+    add_config,
+    add_json,
+    config,
+    iso,
+    open_store,
+    parse_time,
+)
+from battery_trace.server.records import KeyRecord
 
 if TYPE_CHECKING:
-    from server.store import Store
+    from battery_trace.server.store import Store
 
 log = logging.getLogger("battery-server")
 
@@ -62,7 +72,7 @@ def _key_json(record: KeyRecord) -> dict[str, object]:
 
 
 def _registry_call(args: argparse.Namespace, action: Callable[[Store], dict[str, Any]]) -> int:
-    from server.store import StoreError
+    from battery_trace.server.store import StoreError
 
     store = open_store(args)
     try:

@@ -11,8 +11,8 @@ import signal
 import threading
 from pathlib import Path
 
-from server.cli.common import INVALID, OK, add_config, config
-from server.cli.registry import server_key
+from battery_trace.server.cli.common import INVALID, OK, add_config, config
+from battery_trace.server.cli.registry import server_key
 
 log = logging.getLogger("battery-server")
 
@@ -30,11 +30,10 @@ def web_token(path: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from server.intake import Collector
-    from server.store import Store, StoreUnavailable
-    from server.web.app import create_app
-    from server.web.status_listener import StatusListener
+    from battery_trace.server.intake import Collector
+    from battery_trace.server.store import Store, StoreUnavailable
+    from battery_trace.server.web.app import create_app
+    from battery_trace.server.web.status_listener import StatusListener
 
     cfg = config(args)
     key = server_key(cfg.key_path)

@@ -10,11 +10,11 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from protocol.keys import PublicKey
-from server.records import Accepted, KeyRecord, Rejected
-from server.store import queries, record, registry
-from server.store.db import Database, StoreError, StoreUnavailable
-from server.store.record import CommitResult, RuleSettings
+from battery_trace.protocol.keys import PublicKey
+from battery_trace.server.records import Accepted, KeyRecord, Rejected
+from battery_trace.server.store import queries, record, registry
+from battery_trace.server.store.db import Database, StoreError, StoreUnavailable
+from battery_trace.server.store.record import CommitResult, RuleSettings
 
 __all__ = ["CommitResult", "RuleSettings", "Store", "StoreError", "StoreUnavailable"]
 

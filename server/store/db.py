@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.store.schema import MIGRATIONS
+from battery_trace.server.store.schema import MIGRATIONS
 
 
 class StoreError(ValueError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from protocol import cbor, envelope
-from protocol.events import COMMON_FIELDS
-from server.store.db import Tx
+from battery_trace.protocol import cbor, envelope
+from battery_trace.protocol.events import COMMON_FIELDS
+from battery_trace.server.store.db import Tx
 
 
 def event_fields(raw: bytes) -> dict[str, Any]:

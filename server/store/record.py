@@ -13,12 +13,12 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from protocol.events import ZERO_HASH
-from server import rules
-from server.records import Accepted, Rejected
-from server.rules import EventFacts, Finding
-from server.store.db import Tx
-from server.store.queries import event_fields
+from battery_trace.protocol.events import ZERO_HASH
+from battery_trace.server import rules
+from battery_trace.server.records import Accepted, Rejected
+from battery_trace.server.rules import EventFacts, Finding
+from battery_trace.server.store.db import Tx
+from battery_trace.server.store.queries import event_fields
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-from protocol.keys import PublicKey
-from server.records import KeyRecord
-from server.store.db import StoreError, Tx
+from battery_trace.protocol.keys import PublicKey
+from battery_trace.server.records import KeyRecord
+from battery_trace.server.store.db import StoreError, Tx
 
 KEY_STATES = ("active", "retired", "revoked")
 

@@ -14,6 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from battery_trace.protocol.battery_code import normalise
+from battery_trace.server import metrics
+from battery_trace.server.rules import FINDING_KINDS
+from battery_trace.server.store import Store, StoreUnavailable
+from battery_trace.server.verify import REASONS
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -22,12 +27,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-
-from protocol.battery_code import normalise
-from server import metrics
-from server.rules import FINDING_KINDS
-from server.store import Store, StoreUnavailable
-from server.verify import REASONS
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz", "/metrics", "/static/")

@@ -9,11 +9,11 @@ import logging
 import time
 
 import paho.mqtt.client as mqtt
+from battery_trace.protocol import topics
+from battery_trace.server.intake import RECONNECT_MAX_S
+from battery_trace.server.store import Store, StoreUnavailable
 
-from protocol import topics
-from protocol.tls import TlsFiles, client_context
-from server.intake import RECONNECT_MAX_S
-from server.store import Store, StoreUnavailable
+from battery_trace.tls import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 MAX_STATUS_BYTES = 4096

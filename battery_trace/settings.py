@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from protocol.bounded_read import UnreadableInput, read_bounded
+from battery_trace.bounded_read import UnreadableInput, read_bounded
 
 MAX_CONFIG_BYTES = 1024 * 1024
 _MISSING: Any = object()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from protocol.settings import Section
+from battery_trace.settings import Section
 
 
 @dataclass(frozen=True)
