@@ -15,6 +15,8 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from battery_trace.protocol.text import shown
+
 ORIGINAL_LENGTH = 24
 SECOND_LIFE_LENGTH = 17
 ALPHABET = frozenset(string.digits + string.ascii_uppercase)
@@ -77,7 +79,7 @@ class CodeError(ValueError):
             char = code[position - 1]
             where = f"position {position} ({char!r})"
         else:
-            where = f"code {code!r}"
+            where = f"code {shown(code)}"
         super().__init__(f"{where}: {rule}; valid: {valid}")
 
 

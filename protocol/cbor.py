@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+from battery_trace.protocol.text import shown
 
 try:
     from battery_trace.protocol import _cbor_check
@@ -107,7 +108,7 @@ def _encode(obj: Any, out: bytearray, path: str) -> None:
         pairs = []
         for key, value in obj.items():
             if not isinstance(key, int | str) or isinstance(key, bool):
-                raise ValueError(f"{path}: map key {key!r} must be an integer or text")
+                raise ValueError(f"{path}: map key {shown(key)} must be an integer or text")
             encoded_key = bytearray()
             _encode(key, encoded_key, path)
             encoded_value = bytearray()
@@ -202,7 +203,7 @@ class _Reader:
             if not isinstance(key, int | str) or isinstance(key, bool):
                 raise CborError(key_start, "map keys must be integers or text")
             if key in result:
-                raise CborError(key_start, f"duplicate map key {key!r}")
+                raise CborError(key_start, f"duplicate map key {shown(key)}")
             if self.deterministic and key_bytes <= previous_key_bytes:
                 raise CborError(key_start, "map keys not in deterministic (bytewise) order")
             previous_key_bytes = key_bytes

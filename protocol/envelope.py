@@ -16,6 +16,7 @@ from typing import Any
 
 from battery_trace.protocol import cbor
 from battery_trace.protocol.keys import PrivateKey, PublicKey
+from battery_trace.protocol.text import shown
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1
@@ -225,7 +226,7 @@ def check_headers(env: Envelope) -> None:
         raise EnvelopeError("unsupported_algorithm", f"alg is {where}; it must be in the protected header")
     if env.alg not in ACCEPTED_ALGS:
         raise EnvelopeError(
-            "unsupported_algorithm", f"alg {env.alg!r} is not accepted; valid: -8 (EdDSA) or -19 (Ed25519)"
+            "unsupported_algorithm", f"alg {shown(env.alg)} is not accepted; valid: -8 (EdDSA) or -19 (Ed25519)"
         )
     crit = env.protected.get(HEADER_CRIT)
     if crit is not None:

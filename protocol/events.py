@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any
 
 from battery_trace.protocol import battery_code, cbor
+from battery_trace.protocol.text import control_problem, shown
 from battery_trace.protocol.topics import DEVICE_ID_RULE, device_id_problem
 
 SCHEMA_VERSION = 1
@@ -256,7 +257,13 @@ _SIGNED_HEALTH = {"current_a", "temps_c"}
 COMMON_FIELDS = ("v", "device", "seq", "prev", "time", "type", "source")
 
 _VIN = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
-_TEXT_FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# A field or map key a device names is quoted in messages unless it looks like one of the contract's own names.
+_PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def _name(key: Any) -> str:
+    """A device-supplied map key as it appears in an error's path."""
+    return key if isinstance(key, str) and _PLAIN_NAME.fullmatch(key) else shown(key)
 
 
 def roles_for(event_type: str) -> tuple[str, ...]:
@@ -291,9 +298,8 @@ def _check_text(path: str, v: Any) -> list[FieldError]:
         return [FieldError(path, "must not be empty")]
     if len(v) > MAX_TEXT:
         return [FieldError(path, f"is {len(v)} characters; at most {MAX_TEXT}")]
-    if _TEXT_FORBIDDEN.search(v):
-        return [FieldError(path, "contains control characters")]
-    return []
+    problem = control_problem(v)
+    return [FieldError(path, problem)] if problem else []
 
 
 def _check_code_shape(path: str, v: Any) -> list[FieldError]:
@@ -301,6 +307,9 @@ def _check_code_shape(path: str, v: Any) -> list[FieldError]:
         return [FieldError(path, f"must be a battery code (text), got {type(v).__name__}")]
     if not 1 <= len(v) <= 64:
         return [FieldError(path, f"is {len(v)} characters; a battery code is 24 (17 second-life)")]
+    problem = control_problem(v)
+    if problem:
+        return [FieldError(path, problem)]
     if v != battery_code.normalise(v):
         return [FieldError(path, "must be normalised (no surrounding spaces, upper case)")]
     return []
@@ -362,7 +371,7 @@ def _check_health(path: str, v: Any) -> list[FieldError]:
                 and (value >= 0 or key in _SIGNED_HEALTH)
             ):
                 continue
-        errors.extend(_health_value_errors(f"{path}.{key}", key, value))
+        errors.extend(_health_value_errors(f"{path}.{_name(key)}", key, value))
     return errors
 
 
@@ -397,9 +406,9 @@ def _check_materials(path: str, v: Any) -> list[FieldError]:
     errors = []
     for key, value in v.items():
         if key not in MATERIALS:
-            errors.append(FieldError(f"{path}.{key}", f"unknown material; valid: {', '.join(MATERIALS)}"))
+            errors.append(FieldError(f"{path}.{_name(key)}", f"unknown material; valid: {', '.join(MATERIALS)}"))
         elif not _is_number(value) or value < 0:
-            errors.append(FieldError(f"{path}.{key}", "must be a non-negative number of kg"))
+            errors.append(FieldError(f"{path}.{_name(key)}", "must be a non-negative number of kg"))
     return errors
 
 
@@ -431,7 +440,7 @@ def _check_field(f: Field, v: Any) -> list[FieldError]:
             return _check_time(path, v)
         case Kind.CHOICE:
             if v not in f.choices:
-                return [FieldError(path, f"{v!r} is not valid; valid: {', '.join(f.choices)}")]
+                return [FieldError(path, f"{shown(v)} is not valid; valid: {', '.join(f.choices)}")]
             return []
         case Kind.HEALTH:
             return _check_health(path, v)
@@ -443,16 +452,16 @@ def _check_field(f: Field, v: Any) -> list[FieldError]:
 def body_errors(event_type: Any, source: Any, fields: Mapping[str, Any]) -> list[FieldError]:
     """Validate what a device decides (type, identity source, type fields) before anything is sealed."""
     if event_type not in EVENT_TYPES:
-        return [FieldError("type", f"{event_type!r} is not an event type; valid: {', '.join(EVENT_TYPES)}")]
+        return [FieldError("type", f"{shown(event_type)} is not an event type; valid: {', '.join(EVENT_TYPES)}")]
     spec = EVENT_TYPES[event_type]
     errors = []
     if source not in SOURCES:
-        errors.append(FieldError("source", f"{source!r} is not valid; valid: {', '.join(SOURCES)}"))
+        errors.append(FieldError("source", f"{shown(source)} is not valid; valid: {', '.join(SOURCES)}"))
     names = spec.names
     for name in fields:
         if name not in names:
             valid = ", ".join(f.name for f in spec.fields)
-            errors.append(FieldError(str(name), f"is not a field of {event_type!r}; valid: {valid}"))
+            errors.append(FieldError(_name(name), f"is not a field of {event_type!r}; valid: {valid}"))
     for f in spec.fields:
         if f.name not in fields:
             if f.required:
@@ -512,7 +521,7 @@ def event_errors(m: Any) -> list[FieldError]:
         return [FieldError("$", f"an event is a map, got {type(m).__name__}")]
     errors = []
     if m.get("v") != SCHEMA_VERSION:
-        errors.append(FieldError("v", f"schema version {m.get('v')!r} is not supported; valid: {SCHEMA_VERSION}"))
+        errors.append(FieldError("v", f"schema version {shown(m.get('v'))} is not supported; valid: {SCHEMA_VERSION}"))
     device = m.get("device")
     problem = device_id_problem(device) if isinstance(device, str) else f"must be text ({DEVICE_ID_RULE})"
     if problem:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from battery_trace.protocol.text import shown
+
 PREFIX = "bt/v1"
 Kind = Literal["events", "receipts", "status"]
 KINDS: tuple[Kind, ...] = ("events", "receipts", "status")
@@ -36,11 +38,11 @@ def device_id_problem(device: str) -> str | None:
     if _DEVICE_ID.fullmatch(device):
         return None
     if device.lower() != device and _DEVICE_ID.fullmatch(device.lower()):
-        return f"{device!r} has upper case; use {device.lower()!r}"
+        return f"{shown(device)} has upper case; use {shown(device.lower())}"
     bad = next((c for c in device if not re.fullmatch(r"[a-z0-9._-]", c)), None)
     if bad is not None:
-        return f"{device!r} contains {bad!r}; valid: {DEVICE_ID_RULE}"
-    return f"{device!r} must start and end with a letter or digit"
+        return f"{shown(device)} contains {shown(bad)}; valid: {DEVICE_ID_RULE}"
+    return f"{shown(device)} must start and end with a letter or digit"
 
 
 def check_device_id(device: str) -> str:
@@ -60,5 +62,7 @@ def parse(topic_name: str) -> tuple[str, Kind]:
     """(device, kind) of a contract topic; raises TopicError for anything else."""
     parts = topic_name.split("/")
     if len(parts) != 4 or "/".join(parts[:2]) != PREFIX or parts[3] not in KINDS:
-        raise TopicError(f"{topic_name!r} is not a topic of the contract ({PREFIX}/<device>/events|receipts|status)")
+        raise TopicError(
+            f"{shown(topic_name)} is not a topic of the contract ({PREFIX}/<device>/events|receipts|status)"
+        )
     return check_device_id(parts[2]), parts[3]  # type: ignore[return-value]

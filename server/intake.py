@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from battery_trace.protocol import topics
 from battery_trace.protocol.keys import PrivateKey
+from battery_trace.protocol.text import escaped
 from battery_trace.server import metrics, receipts
 from battery_trace.server.broker_link import BrokerLink, LinkSettings
 from battery_trace.server.mqtt_packets import Message
@@ -247,7 +248,7 @@ class Collector:
             rejected.append(outcome)
             self.count(f"rejected:{outcome.reason}")
             metrics.REJECTED.labels(outcome.reason).inc()
-            log.warning("rejected a message on %s: %s (%s)", outcome.topic, outcome.reason, outcome.detail)
+            log.warning("rejected a message on %s: %s (%s)", escaped(outcome.topic), outcome.reason, outcome.detail)
         return Verified(started.batch, accepted, rejected, started.received_at)
 
     def commit(self, item: Verified, stop: threading.Event | None = None) -> bool:
@@ -264,6 +265,10 @@ class Collector:
         self.count("stored", result.stored)
         self.count("duplicates", result.duplicates)
         self.count("findings", result.findings)
+        for refused in result.refused:
+            self.count(f"rejected:{refused.reason}")
+            metrics.REJECTED.labels(refused.reason).inc()
+            log.warning("quarantined a message on %s: %s (%s)", escaped(refused.topic), refused.reason, refused.detail)
         metrics.BATCH.observe(len(item.batch))
         metrics.MESSAGES.labels("accepted").inc(result.stored)
         metrics.MESSAGES.labels("duplicate").inc(result.duplicates)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from battery_trace.protocol import cbor, envelope, events, topics
 from battery_trace.protocol.keys import PublicKey
+from battery_trace.protocol.text import shown
 from battery_trace.server.records import Accepted, KeyRecord, Rejected
 
 REASONS = (
@@ -27,6 +28,7 @@ REASONS = (
     "role_not_allowed",
     "schema",
     "sequence_reused",  # decided at commit: a validly signed second event under a stored sequence number
+    "store_refused",  # decided at commit: the database refused this one event; the rest of its batch is stored
 )
 
 
@@ -111,7 +113,7 @@ def postcheck(p: Parsed, record: KeyRecord) -> Accepted | Rejected:
     if not (payload_device == record.device == p.topic_device):
         return reject(
             "device_mismatch",
-            f"payload device {payload_device!r}, key's device {record.device!r} "
+            f"payload device {shown(payload_device)}, key's device {record.device!r} "
             f"and topic device {p.topic_device!r} must agree",
         )
     event_type = claimed.get("type")

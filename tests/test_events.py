@@ -135,5 +135,7 @@ health_values = (
 @given(st.dictionaries(st.sampled_from([*events.HEALTH_FIELDS, "x", "Cells_V"]), health_values, min_size=1))
 def test_the_health_check_passes_exactly_what_the_full_check_finds_no_fault_in(health):
     """The hot path's one-test pass for good numbers may skip the full check only where it finds nothing."""
-    full = [e for key, value in health.items() for e in events._health_value_errors(f"h.{key}", key, value)]
+    full = [
+        e for key, value in health.items() for e in events._health_value_errors(f"h.{events._name(key)}", key, value)
+    ]
     assert events._check_health("h", health) == full

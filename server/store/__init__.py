@@ -6,6 +6,7 @@ registry, the intake's batch commit, the time-based sweep and the queries all go
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from battery_trace.server.store.db import Database, StoreError, StoreUnavailable
 from battery_trace.server.store.record import CommitResult, RuleSettings
 
 __all__ = ["CommitResult", "RuleSettings", "Store", "StoreError", "StoreUnavailable"]
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -64,9 +66,66 @@ class Store:
     # -- intake -----------------------------------------------------------------------------------
 
     def commit(self, accepted: Iterable[Accepted], rejected: Iterable[Rejected], at: float) -> CommitResult:
-        """Store a batch in one transaction: valid events once each, rejects into quarantine, findings."""
+        """Store a batch in one transaction: valid events once each, rejects into quarantine, findings.
+
+        One message never stops a batch (DESIGN.md §7.4). Should the database refuse the batch for a
+        reason other than being unreachable — a value that passed verification but that this backend
+        cannot hold — the batch is split until the event it refuses is alone; that event goes to
+        quarantine as ``store_refused`` and everything else is stored, in arrival order, so the
+        first-arrival rule for forks still holds."""
+        items, refused = list(accepted), list(rejected)
+        try:
+            return self._commit(items, refused, at)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("the store refused a batch of %d events; isolating the event it refuses", len(items))
+            return self._isolate(items, refused, at)
+
+    def _commit(self, accepted: list[Accepted], rejected: list[Rejected], at: float) -> CommitResult:
         with self.db.transaction() as tx:
             return record.commit(tx, accepted, rejected, at, self.rules)
+
+    def _isolate(self, items: list[Accepted], rejected: list[Rejected], at: float) -> CommitResult:
+        results: list[CommitResult] = []
+        refused: list[Rejected] = []
+
+        def attempt(part: list[Accepted]) -> None:
+            try:
+                results.append(self._commit(part, [], at))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                if len(part) == 1:
+                    refused.append(record.store_refused(part[0], exc))
+                    return
+                attempt(part[: len(part) // 2])
+                attempt(part[len(part) // 2 :])
+
+        if items:
+            attempt(items)
+        results.append(self._quarantine_each([*rejected, *refused], at))
+        return record.merged(results, refused)
+
+    def _quarantine_each(self, rejected: list[Rejected], at: float) -> CommitResult:
+        """Quarantine rows are escaped text and raw bytes, which every backend holds; should one still
+        be refused, each goes in on its own, the refused one with only what cannot fail."""
+        try:
+            return self._commit([], rejected, at)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("the store refused quarantine rows; storing them one by one")
+        results = []
+        for r in rejected:
+            try:
+                results.append(self._commit([], [r], at))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                bare = Rejected("?", r.raw, r.reason, f"the detail could not be stored ({type(exc).__name__})")
+                results.append(self._commit([], [bare], at))
+        return record.merged(results, [])
 
     def sweep(self, now: float | None = None) -> int:
         with self.db.transaction() as tx:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from battery_trace.protocol.events import ZERO_HASH
+from battery_trace.protocol.text import escaped
 from battery_trace.server import rules
 from battery_trace.server.records import Accepted, Rejected
 from battery_trace.server.rules import EventFacts, Finding
@@ -35,6 +36,30 @@ class CommitResult:
     quarantined: int
     watermarks: dict[bytes, tuple[str, int]]  # kid -> (device, watermark) for every chain the batch touched
     findings: int
+    refused: tuple[Rejected, ...] = ()  # events the database refused, quarantined as store_refused
+
+
+def store_refused(item: Accepted, exc: BaseException) -> Rejected:
+    """The quarantine entry of one event the database refused although it passed verification."""
+    why = (str(exc).strip().splitlines() or [""])[0]
+    detail = f"the store refused this event ({type(exc).__name__}: {why}); the rest of its batch is stored"
+    return Rejected(item.topic, item.envelope.raw, "store_refused", detail)
+
+
+def merged(results: Iterable[CommitResult], refused: Iterable[Rejected]) -> CommitResult:
+    """One result for a batch committed in parts, in order: a later part's watermark is the newer one."""
+    parts = list(results)
+    watermarks: dict[bytes, tuple[str, int]] = {}
+    for part in parts:
+        watermarks.update(part.watermarks)
+    return CommitResult(
+        sum(p.stored for p in parts),
+        sum(p.duplicates for p in parts),
+        sum(p.quarantined for p in parts),
+        watermarks,
+        sum(p.findings for p in parts),
+        tuple(refused),
+    )
 
 
 def _facts(item: Accepted, at: float) -> EventFacts:
@@ -257,8 +282,17 @@ def _advance(
     return {kid: (devices[kid], marks[kid]) for kid in chains}
 
 
+# Quarantine rows keep the raw bytes whole (up to the intake's size limit); the texts beside them are
+# escaped and bounded so that every backend can hold them, whatever a device or broker put in them.
+_TOPIC_MAX = 512
+_DETAIL_MAX = 2000
+
+
 def _quarantine(tx: Tx, rejected: Iterable[Rejected], at: float) -> int:
-    rows = [(at, r.topic, _topic_device(r.topic), r.reason, r.detail, r.raw) for r in rejected]
+    rows = [
+        (at, escaped(r.topic, _TOPIC_MAX), _topic_device(r.topic), r.reason, escaped(r.detail, _DETAIL_MAX), r.raw)
+        for r in rejected
+    ]
     tx.executemany(
         "INSERT INTO quarantine (received_at, topic, device, reason, detail, raw) VALUES (?, ?, ?, ?, ?, ?)", rows
     )
@@ -267,7 +301,7 @@ def _quarantine(tx: Tx, rejected: Iterable[Rejected], at: float) -> int:
 
 def _topic_device(topic: str) -> str | None:
     parts = topic.split("/")
-    return parts[2][:64] if len(parts) == 4 else None
+    return escaped(parts[2][:64]) if len(parts) == 4 else None
 
 
 # -- derived state --------------------------------------------------------------------------------
@@ -381,7 +415,7 @@ def _upsert(tx: Tx, f: Finding, at: float) -> None:
     tx.execute(
         "INSERT INTO findings (kind, subject, ref_kid, ref_seq, detail, raised_at) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (kind, subject, ref_kid, ref_seq) DO UPDATE SET detail = excluded.detail, resolved_at = NULL",
-        (f.kind, f.subject, f.ref[0], f.ref[1], f.detail, at),
+        (f.kind, escaped(f.subject), f.ref[0], f.ref[1], escaped(f.detail, _DETAIL_MAX), at),
     )
 
 
