@@ -5,6 +5,13 @@ Our envelopes carry ``alg`` and ``kid`` in the protected header and the determin
 payload are used exactly as they arrived, never re-serialised, so an envelope made by any RFC 9052
 implementation verifies here (``kid`` may be in either header, the payload may be anything), and the
 bytes we store are the bytes that were signed.
+
+An envelope's identity is its bytes (its hash is what the next event's ``prev`` links to and what the
+record keys on), yet the outer array is not signed: re-encoding it, or adding an unprotected header,
+would keep the signature valid and change the hash. So only the canonical outer form is accepted:
+the whole envelope in deterministic CBOR (shortest heads, definite lengths, tag 18 and no other tag),
+and an unprotected header that is empty, or holds only the key id when the protected header has none
+(the key id is bound to the key the signature is checked with). One signed content, one byte string.
 """
 
 from __future__ import annotations
@@ -122,11 +129,10 @@ def _protected_header(protected_raw: bytes) -> dict[Any, Any]:
 
 def _usual_shape(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(protected, payload, signature) when ``data`` is exactly tag 18, an array of four, a byte
-    string, an empty map and two byte strings: what every agent (and most COSE libraries) sends. None
-    for anything else, which the general decoder then reads and, if it must, explains. Read straight
-    from the bytes because this runs for every message a collector receives (about half the cost of
-    decoding the envelope through the general decoder); heads need not be in their shortest form here,
-    just as the general decoder does not require it of an envelope."""
+    string, an empty map and two byte strings, each head in its shortest form: what every agent (and
+    most COSE libraries) sends. None for anything else, which the general decoder then reads and, if it
+    must, explains. Read straight from the bytes because this runs for every message a collector
+    receives (about half the cost of decoding the envelope through the general decoder)."""
     if not data.startswith(b"\xd2\x84"):
         return None
     size = len(data)
@@ -147,6 +153,8 @@ def _usual_shape(data: bytes) -> tuple[bytes, bytes, bytes] | None:
             if pos > size:
                 return None
             length = int.from_bytes(data[start:pos], "big")
+            if length < (24 if info == 24 else 1 << (8 << (info - 25))):
+                return None  # not the shortest head: the canonical form is the only one accepted
         else:
             return None  # an indefinite length or a reserved value
         if length > size - pos:
@@ -162,7 +170,7 @@ def _usual_shape(data: bytes) -> tuple[bytes, bytes, bytes] | None:
 def _general_shape(data: bytes) -> tuple[bytes, dict[Any, Any], Any, Any]:
     """(protected, unprotected, payload, signature) of any COSE_Sign1 the contract's CBOR can carry."""
     try:
-        item = cbor.decode(data, tags=frozenset({COSE_SIGN1_TAG}))
+        item = cbor.decode(data, deterministic=True, tags=frozenset({COSE_SIGN1_TAG}))
     except cbor.CborError as exc:
         raise EnvelopeError("malformed", f"not CBOR the contract accepts: {exc}") from None
     if not isinstance(item, cbor.Tag):
@@ -198,6 +206,15 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
     both = set(protected) & set(unprotected)
     if both:
         raise EnvelopeError("malformed", f"header labels {sorted(map(str, both))} appear in both buckets")
+    # (An alg there is left to check_headers, which refuses it with the more useful reason.)
+    extra = set(unprotected) - {HEADER_ALG}
+    if extra and (extra != {HEADER_KID} or HEADER_KID in protected):
+        labels = sorted(map(str, extra))
+        raise EnvelopeError(
+            "malformed",
+            f"unprotected header labels {labels}: the unprotected header is not signed, so it may hold only "
+            "the key id (4), and only when the protected header has none",
+        )
     return Envelope(bytes(data), protected_raw, protected, unprotected, payload, signature)
 
 

@@ -254,3 +254,88 @@ def test_a_hostile_device_stops_no_collector_and_no_honest_device(tmp_path: Path
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
         store.close()
+
+
+# -- an unsigned change to the outer envelope is not a new event --------------------------------------
+
+
+def _head(major: int, n: int, width: int) -> bytes:
+    """A CBOR head of ``width`` argument bytes (0 = in the initial byte), shortest or not."""
+    info = {0: n, 1: 24, 2: 25, 4: 26, 8: 27}[width]
+    return bytes([major << 5 | info]) + (n.to_bytes(width, "big") if width else b"")
+
+
+def re_encodings(raw: bytes) -> dict[str, bytes]:
+    """Every unsigned re-encoding of a genuine envelope we can construct: the signature stays valid."""
+    env = envelope.decode(raw)
+    parts = (env.protected_raw, env.payload, env.signature)
+
+    def build(
+        tag: bytes = b"\xd2", array: bytes = b"\x84", unprotected: bytes = b"\xa0", widths=(None,) * 3, end=b""
+    ) -> bytes:
+        out = [tag, array]
+        for i, part in enumerate(parts):
+            if i == 1:
+                out.append(unprotected)
+            width = widths[i]
+            out.append(cbor.byte_string_head(len(part)) if width is None else _head(2, len(part), width))
+            out.append(part)
+        return b"".join(out) + end
+
+    kid_map = cbor.encode({4: env.kid})
+    variants = {
+        "unprotected content type": build(unprotected=cbor.encode({3: "application/cbor"})),
+        "unprotected private label": build(unprotected=cbor.encode({-70000: b"x"})),
+        "unprotected kid again": build(unprotected=kid_map),
+        "unprotected map, long head": build(unprotected=b"\xb8\x00"),
+        "unprotected map, indefinite": build(unprotected=b"\xbf\xff"),
+        "array, long head": build(array=b"\x98\x04"),
+        "array, indefinite": build(array=b"\x9f", end=b"\xff"),
+        "tag, long head": build(tag=b"\xd8\x12"),
+        "tag, two-byte head": build(tag=b"\xd9\x00\x12"),
+        "self-described (tag 55799)": b"\xd9\xd9\xf7" + raw,
+        "shareable (tag 28)": b"\xd8\x1c" + raw,
+        "signature, long head": build(widths=(None, None, 2)),
+        "payload, long head": build(widths=(None, 4, None)),
+        "protected, eight-byte head": build(widths=(8, None, None)),
+        "signature in chunks": build().replace(
+            cbor.byte_string_head(64) + env.signature, b"\x5f" + cbor.encode(env.signature[:32])
+            + cbor.encode(env.signature[32:]) + b"\xff"
+        ),
+    }  # fmt: skip
+    assert build() == raw  # the builder itself is faithful
+    return variants
+
+
+def test_every_unsigned_re_encoding_of_an_envelope_is_refused() -> None:
+    device = Device("gw-1", "gateway", keys.generate())
+    raw = device.seal("health", {"code": PACK, "health": {"soc_pct": 1}}, T0)
+    for name, variant in re_encodings(raw).items():
+        assert variant != raw
+        with pytest.raises(envelope.EnvelopeError) as refused:
+            envelope.decode(variant)
+        assert refused.value.reason == "malformed", name
+
+
+@pytest.mark.parametrize("copy_first", [False, True], ids=["genuine-first", "copy-first"])
+def test_a_re_encoded_copy_neither_displaces_the_genuine_event_nor_accuses_its_device(
+    store_url: str, copy_first: bool
+) -> None:
+    store = Store(store_url)
+    try:
+        world = World(store)
+        device = world.device("gw-1", "gateway")
+        first = device.seal("health", {"code": PACK, "health": {"soc_pct": 1}}, T0)
+        second = device.seal("health", {"code": PACK, "health": {"soc_pct": 2}}, T0 + 1000)
+        copies = list(re_encodings(first).values())
+        order = [*copies, first, second] if copy_first else [first, *copies, second]
+        for raw in order:
+            world.deliver(device, raw, T0 + DAY)
+        stored, quarantined = _stored_and_quarantined(store)
+        assert stored == {first, second}
+        assert quarantined == set(copies)
+        assert {r["reason"] for r in store.rejects(limit=100)} == {"malformed"}
+        assert world.open_findings() == []  # no fork, no chain break against an honest device
+        assert store.device("gw-1")["keys"][0]["watermark"] == 2
+    finally:
+        store.close()
