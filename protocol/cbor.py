@@ -282,24 +282,46 @@ def _plain(value: Any, tags: frozenset[int], depth: int, limit: int, text_keys: 
     raise _NotSure  # other tags, semantic objects (datetimes, bignums as tags...), undefined, simple values
 
 
+def _refuse(decoder: Any) -> Any:
+    raise _NotSure
+
+
+# Tags cbor2 turns into plain values: a bignum (2, 3) into an int, a self-described (55799), shared (28,
+# 29) or string-referenced (25, 256) item into the item itself. The strict decoder refuses every tag
+# outside the ones it is given, so without these the fast path would accept, as a plain value, what the
+# strict one refuses. cbor2 turns every other tag into a tag or a typed object, which _plain declines;
+# tests/test_cbor.py compares the two decoders on every tag number up to 300 and the known ones above it.
+_PLAIN_VALUE_TAGS = dict.fromkeys((2, 3, 25, 28, 29, 256, 55799), _refuse)
+
+
 def _fast(data: bytes, deterministic: bool, tags: frozenset[int], max_depth: int) -> Any:
     if deterministic and _cbor_check is not None:
         # The C check vouches for the form and the subset, so cbor2's result is the strict decoder's.
         if not _cbor_check.deterministic(data, max_depth):
             raise _NotSure
         try:
-            return cbor2.loads(data)
+            return cbor2.loads(data, semantic_decoders=_PLAIN_VALUE_TAGS)
         except Exception as exc:  # invalid UTF-8 in a text string: the strict decoder explains
             raise _NotSure from exc
     try:
         if deterministic:
-            value = cbor2.loads(data, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2)
+            value = cbor2.loads(
+                data,
+                allow_duplicate_keys=False,
+                allow_indefinite=False,
+                max_depth=max_depth + 2,
+                semantic_decoders=_PLAIN_VALUE_TAGS,
+            )
             # Re-encoded before _plain replaces anything; trailing bytes, too, make the bytes differ.
             whole = cbor2.dumps(value, canonical=True) == data
         else:
             fp = io.BytesIO(data)
             value = cbor2.CBORDecoder(
-                fp, allow_duplicate_keys=False, allow_indefinite=False, max_depth=max_depth + 2
+                fp,
+                allow_duplicate_keys=False,
+                allow_indefinite=False,
+                max_depth=max_depth + 2,
+                semantic_decoders=_PLAIN_VALUE_TAGS,
             ).decode()
             whole = fp.tell() == len(data)
     except Exception as exc:  # any complaint at all: the strict decoder decides and explains

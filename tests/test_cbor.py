@@ -238,3 +238,34 @@ def test_the_c_check_accepts_every_deterministic_encoding(value):
     encoded = cbor.encode(value)
     assert cbor._cbor_check.deterministic(encoded, cbor.MAX_DEPTH)
     assert _same(cbor._fast(encoded, True, frozenset(), cbor.MAX_DEPTH), value)
+
+
+# Every tag number cbor2 gives a meaning of its own (or may), and a few it does not: a decoder that turns
+# a tag into a plain value (a bignum into an int, a self-described item into the item) must never let the
+# fast path accept what the strict decoder refuses, with or without the C check.
+SEMANTIC_TAGS = [*range(301), 1004, 1040, 55799, 55800, 65535, 2**32 - 1]
+TAGGED_CONTENT = st.one_of(
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=12),
+    st.text(max_size=8),
+    st.lists(st.integers(0, 30), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2),
+)
+
+
+@given(TAGGED_CONTENT, st.booleans())
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fast_path_agrees_on_every_tag_cbor2_knows(fast_path, content, deterministic):
+    for tag in SEMANTIC_TAGS:
+        item = cbor._head(6, tag) + cbor.encode(content)
+        for data in (item, b"\x81" + item, b"\xa1\x61a" + item):
+            for tags in (frozenset(), frozenset({18})):
+                _agree(data, deterministic, tags)
+
+
+@pytest.mark.parametrize("tag", [2, 3, 28, 55799])
+def test_tags_cbor2_would_turn_into_plain_values_are_refused_by_decode(fast_path, tag):
+    data = b"\xa1\x61a" + cbor._head(6, tag) + (cbor.encode(b"\x01" + bytes(8)) if tag in (2, 3) else b"\x01")
+    for deterministic in (True, False):
+        with pytest.raises(cbor.CborError, match=f"tag {tag} is not allowed"):
+            cbor.decode(data, deterministic=deterministic, tags=frozenset({18}))
