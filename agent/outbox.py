@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from battery_trace.protocol.envelope import envelope_hash
 from battery_trace.protocol.events import ZERO_HASH
 
 SCHEMA = """
@@ -100,8 +101,23 @@ class Outbox:
         ).fetchall()
         return [Pending(*row) for row in rows]
 
-    def prune(self, kid: bytes, watermark: int) -> int:
-        """Delete what a verified receipt covers; returns how many events left the outbox."""
+    def kids(self) -> set[bytes]:
+        """Every key this outbox has sealed under: a rotated-out key's backlog is still receipted."""
+        return {row[0] for row in self._db.execute("SELECT kid FROM chain")}
+
+    def prune(self, kid: bytes, watermark: int, watermark_hash: bytes) -> int | None:
+        """Delete what a verified receipt truly covers; returns how many events left the outbox. None
+        when the receipt speaks of another chain under this key than this outbox's — it covers sequence
+        numbers this outbox never sealed, or the server's event at the watermark is not this outbox's
+        (a restored image, a cloned card): then nothing is deleted. The server's events up to the
+        watermark each link to the one before, so one matching hash vouches for all of them."""
+        if watermark > self.head(kid):
+            return None
+        row = self._db.execute("SELECT envelope FROM outbox WHERE kid = ? AND seq = ?", (kid, watermark)).fetchone()
+        if row is None:
+            return 0  # the outbox holds a suffix of each chain: everything up to it has left already
+        if envelope_hash(row[0]) != watermark_hash:
+            return None
         cur = self._db.execute("DELETE FROM outbox WHERE kid = ? AND seq <= ?", (kid, watermark))
         return cur.rowcount
 

@@ -66,6 +66,7 @@ class Uplink:
         self.connected = False
         self.extra_status: Callable[[], dict[str, Any]] = dict  # what the rest of the agent adds to its status
         self._status_at = 0.0  # when the retained status was last published
+        self.alarm: str | None = None  # a receipt spoke of a chain under our key that is not this outbox's
 
     def notify(self) -> None:
         """Called by the sealer's side after each seal: publish without waiting for the next tick."""
@@ -169,18 +170,35 @@ class Uplink:
     def handle_receipt(self, data: bytes) -> int:
         """Verify a receipt and prune what it covers; return how many events left the outbox."""
         try:
-            receipt = receipts.verify(data, self.server_key, self.device, self.kid)
+            receipt = receipts.verify(data, self.server_key, self.device, self.outbox.kids())
         except receipts.ReceiptError as exc:
             self.counters["receipts_refused"] += 1
             log.warning("%s", exc)
             return 0
         self.counters["receipts"] += 1
-        pruned = self.outbox.prune(receipt.kid, receipt.watermark)
+        pruned = self.outbox.prune(receipt.kid, receipt.watermark, receipt.hash)
+        if pruned is None:
+            self._foreign_chain(receipt)
+            return 0
         for key in [k for k in self.sent if k[0] == receipt.kid and k[1] <= receipt.watermark]:
             del self.sent[key]
         self.counters["pruned"] += pruned
         self.wake.set()
         return pruned
+
+    def _foreign_chain(self, receipt: receipts.Receipt) -> None:
+        """The server holds a chain under this key that is not this outbox's: its new events are
+        quarantined there (sequence_reused or chain_break) and stay here, evidence on both sides. Only a
+        new key ends it; say so where an operator looks: the alarm (status, /healthz, /metrics), the log."""
+        self.counters["receipts_foreign_chain"] += 1
+        alarm = (
+            f"the server's chain of key {receipt.kid.hex()} up to seq {receipt.watermark} is not this outbox's "
+            "(a restored or cloned outbox under the same key?): nothing pruned, every event kept; "
+            "give this device a new key (battery-agent keygen, battery-server devices rotate)"
+        )
+        if alarm != self.alarm:
+            log.error("%s", alarm)
+        self.alarm = alarm
 
     async def _publish(self, client: aiomqtt.Client) -> None:
         """Publish what is new in the outbox, a window of ``max_in_flight`` at a time, and again what a

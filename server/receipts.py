@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from battery_trace.protocol import receipts, topics
 from battery_trace.protocol.keys import PrivateKey
+from battery_trace.server.store.record import Watermark
 
 
-def issue(watermarks: dict[bytes, tuple[str, int]], server_key: PrivateKey, now_ms: int) -> list[tuple[str, bytes]]:
-    """(topic, signed receipt) for each chain: key id -> (device, watermark)."""
+def issue(watermarks: dict[bytes, Watermark], server_key: PrivateKey, now_ms: int) -> list[tuple[str, bytes]]:
+    """(topic, signed receipt) for each chain: key id -> how far it is stored, and the hash there."""
     return [
-        (topics.topic(device, "receipts"), receipts.sign(receipts.Receipt(device, kid, watermark, now_ms), server_key))
-        for kid, (device, watermark) in watermarks.items()
+        (
+            topics.topic(mark.device, "receipts"),
+            receipts.sign(receipts.Receipt(mark.device, kid, mark.seq, mark.hash, now_ms), server_key),
+        )
+        for kid, mark in watermarks.items()
     ]

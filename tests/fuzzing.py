@@ -79,7 +79,7 @@ def fuzz_event(data: bytes) -> None:
 
 def fuzz_receipt(data: bytes) -> None:
     with contextlib.suppress(receipts.ReceiptError):
-        receipts.verify(data, SERVER_KEY.public, "station-1", DEVICE_KEY.public.kid)
+        receipts.verify(data, SERVER_KEY.public, "station-1", {DEVICE_KEY.public.kid})
 
 
 def fuzz_battery_code(data: bytes) -> None:
@@ -250,7 +250,9 @@ def seeds() -> dict[str, dict[str, bytes]]:
     configs = Path(__file__).resolve().parent.parent / "configs"
     ev = event("swapped")
     sealed = envelope.sign(events.encode(ev), DEVICE_KEY)
-    receipt = receipts.sign(receipts.Receipt("station-1", DEVICE_KEY.public.kid, 7, int(NOW * 1000)), SERVER_KEY)
+    receipt = receipts.sign(
+        receipts.Receipt("station-1", DEVICE_KEY.public.kid, 7, bytes(range(32)), int(NOW * 1000)), SERVER_KEY
+    )
     nested = b"\x81" * 5000 + b"\x00"  # deeper than any decoder allows
     huge_length = b"\x5b" + b"\xff" * 8  # a byte string claiming 2**64 - 1 bytes
     session = gbt27930_bms.charging_session(gbt27930_bms.Pack(), rounds=2)

@@ -137,7 +137,7 @@ def test_a_forged_receipt_prunes_nothing(record_server, gateway):
     forger = keys.generate()
     kid = keys.load_private(gateway["key"]).public.kid
     publisher = Publisher(record_server.broker, "forger")
-    forged = receipts.sign(receipts.Receipt("gw-1", kid, 10**6, int(time.time() * 1000)), forger)
+    forged = receipts.sign(receipts.Receipt("gw-1", kid, 10**6, bytes(32), int(time.time() * 1000)), forger)
     publisher.publish([("bt/v1/gw-1/receipts", forged)])
     publisher.close()
     wait_until(lambda: agents.status(port)["uplink"].get("receipts_refused", 0) >= 1, 10, "the forged receipt")

@@ -47,7 +47,7 @@ def test_pruning_keeps_the_chain_head_and_a_reopened_outbox_continues(tmp_path):
     for _ in range(4):
         first.seal(draft())
     last_hash = envelope.envelope_hash(first.outbox.pending()[-1].envelope)
-    assert first.outbox.prune(key.public.kid, 4) == 4
+    assert first.outbox.prune(key.public.kid, 4, last_hash) == 4
     assert first.outbox.depth() == (0, None)
     first.outbox.close()
 
@@ -56,6 +56,25 @@ def test_pruning_keeps_the_chain_head_and_a_reopened_outbox_continues(tmp_path):
     (item,) = again.outbox.pending()
     assert events.decode(envelope.decode(item.envelope).payload).prev == last_hash
     again.outbox.close()
+
+
+def test_a_receipt_prunes_only_the_chain_it_names(tmp_path):
+    """A receipt whose hash at the watermark is not this outbox's event there, or whose watermark lies
+    beyond this outbox's head, speaks of another chain under the same key: nothing is deleted."""
+    key = keys.generate()
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    sealer = Sealer(outbox, key, "station-1")
+    for _ in range(4):
+        sealer.seal(draft())
+    own = {p.seq: envelope.envelope_hash(p.envelope) for p in outbox.pending()}
+    kid = key.public.kid
+    assert outbox.prune(kid, 3, own[2]) is None  # the hash of another event
+    assert outbox.prune(kid, 9, own[4]) is None  # beyond this outbox's head
+    assert outbox.depth()[0] == 4
+    assert outbox.prune(kid, 2, own[2]) == 2
+    assert outbox.prune(kid, 1, b"any") == 0  # already left: nothing of it to compare or delete
+    assert [p.seq for p in outbox.pending()] == [3, 4]
+    outbox.close()
 
 
 def test_a_failing_build_leaves_no_trace(sealer):
@@ -70,6 +89,7 @@ def test_a_failing_build_leaves_no_trace(sealer):
 def test_only_a_receipt_signed_by_the_server_key_prunes(tmp_path):
     from battery_trace.agent.uplink import MqttSettings, Uplink
     from battery_trace.protocol import receipts
+    from battery_trace.protocol.envelope import envelope_hash
 
     server, device = keys.generate(), keys.generate()
     outbox = Outbox(tmp_path / "outbox.sqlite")
@@ -77,10 +97,11 @@ def test_only_a_receipt_signed_by_the_server_key_prunes(tmp_path):
     for _ in range(3):
         sealer.seal(draft())
     uplink = Uplink(MqttSettings(), outbox, "station-1", device.public.kid, server.public)
-    receipt = receipts.Receipt("station-1", device.public.kid, 2, T0)
+    second = next(p for p in outbox.pending() if p.seq == 2)
+    receipt = receipts.Receipt("station-1", device.public.kid, 2, envelope_hash(second.envelope), T0)
     assert uplink.handle_receipt(receipts.sign(receipt, keys.generate())) == 0  # forged
     assert uplink.handle_receipt(b"\xd2\x84garbage") == 0
-    other = receipts.Receipt("station-2", device.public.kid, 3, T0)
+    other = receipts.Receipt("station-2", device.public.kid, 3, bytes(32), T0)
     assert uplink.handle_receipt(receipts.sign(other, server)) == 0  # another device's
     assert outbox.depth()[0] == 3 and uplink.counters["receipts_refused"] == 3
     assert uplink.handle_receipt(receipts.sign(receipt, server)) == 2

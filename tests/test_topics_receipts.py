@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from battery_trace.protocol import envelope, keys, receipts, topics
+from battery_trace.protocol import cbor, envelope, keys, receipts, topics
 
 
 def test_topics_of_the_contract():
@@ -38,18 +38,29 @@ def test_foreign_topics_are_refused(name):
 def test_receipt_from_the_server_key_is_accepted_and_others_are_not():
     server, device_key = keys.generate(), keys.generate()
     kid = device_key.public.kid
-    data = receipts.sign(receipts.Receipt("station-1", kid, 41, 1_767_225_600_000), server)
-    assert receipts.verify(data, server.public, "station-1", kid).watermark == 41
+    data = receipts.sign(receipts.Receipt("station-1", kid, 41, b"h" * 32, 1_767_225_600_000), server)
+    assert receipts.verify(data, server.public, "station-1", {kid}).watermark == 41
+    assert receipts.verify(data, server.public, "station-1", {b"old", kid}).hash == b"h" * 32  # a rotated key's
     with pytest.raises(receipts.ReceiptError, match="does not verify"):
-        receipts.verify(data, keys.generate().public, "station-1", kid)  # forged by another key
-    with pytest.raises(receipts.ReceiptError, match="not this device"):
-        receipts.verify(data, server.public, "station-2", kid)
-    with pytest.raises(receipts.ReceiptError, match="not this device"):
-        receipts.verify(data, server.public, "station-1", keys.generate().public.kid)
+        receipts.verify(data, keys.generate().public, "station-1", {kid})  # forged by another key
+    with pytest.raises(receipts.ReceiptError, match="not a key of this device"):
+        receipts.verify(data, server.public, "station-2", {kid})
+    with pytest.raises(receipts.ReceiptError, match="not a key of this device"):
+        receipts.verify(data, server.public, "station-1", {keys.generate().public.kid})
+
+
+@pytest.mark.parametrize(("watermark", "digest"), [(3, b"short"), (3, None), (0, b"h" * 32)])
+def test_a_receipt_must_name_the_hash_at_its_watermark(watermark, digest):
+    server, kid = keys.generate(), keys.generate().public.kid
+    m = {"v": 1, "type": "receipt", "device": "station-1", "kid": kid, "watermark": watermark, "time": 1}
+    if digest is not None:
+        m["hash"] = digest
+    with pytest.raises(receipts.ReceiptError, match="hash"):
+        receipts.verify(envelope.sign(cbor.encode(m), server), server.public, "station-1", {kid})
 
 
 def test_an_event_signed_by_the_server_is_not_a_receipt():
     server = keys.generate()
     data = envelope.sign(b"\xa1\x64type\x65event", server)
     with pytest.raises(receipts.ReceiptError, match="not a version-1 receipt"):
-        receipts.verify(data, server.public, "station-1", b"k")
+        receipts.verify(data, server.public, "station-1", {b"k"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from battery_trace.protocol.events import ZERO_HASH
 from battery_trace.protocol.text import escaped
@@ -29,12 +30,22 @@ class RuleSettings:
     gap_minutes: float = 60.0
 
 
+class Watermark(NamedTuple):
+    """How far a chain is stored: every event of the key up to ``seq`` is stored and links to the one
+    before it, and ``hash`` is the envelope hash of the event at ``seq`` (zeros at 0). A receipt says
+    both, so an agent can tell the chain the server holds from its own (docs/wire-contract.md)."""
+
+    device: str
+    seq: int
+    hash: bytes
+
+
 @dataclass(frozen=True)
 class CommitResult:
     stored: int
     duplicates: int
     quarantined: int
-    watermarks: dict[bytes, tuple[str, int]]  # kid -> (device, watermark) for every chain the batch touched
+    watermarks: dict[bytes, Watermark]  # every chain the batch touched
     findings: int
     refused: tuple[Rejected, ...] = ()  # events the database refused, quarantined as store_refused
 
@@ -49,7 +60,7 @@ def store_refused(item: Accepted, exc: BaseException) -> Rejected:
 def merged(results: Iterable[CommitResult], refused: Iterable[Rejected]) -> CommitResult:
     """One result for a batch committed in parts, in order: a later part's watermark is the newer one."""
     parts = list(results)
-    watermarks: dict[bytes, tuple[str, int]] = {}
+    watermarks: dict[bytes, Watermark] = {}
     for part in parts:
         watermarks.update(part.watermarks)
     return CommitResult(
@@ -111,7 +122,7 @@ def commit(
     reused: list[Rejected] = []
     duplicates = 0
     fresh: dict[tuple[bytes, int], Accepted] = {}
-    watermarks: dict[bytes, tuple[str, int]] = {}
+    watermarks: dict[bytes, Watermark] = {}
     if kids:
         tx.executemany(
             "INSERT INTO chains (kid, device, watermark, max_seq, last_received_at) VALUES (?, ?, 0, 0, ?) "
@@ -145,8 +156,9 @@ def commit(
                 reused.append(Rejected(item.topic, item.envelope.raw, "sequence_reused", detail))
                 findings.append(Finding("chain_break", f"device:{devices[kid]}", key, f"seq {seq} signed twice"))
         _insert_events(tx, list(fresh.values()), at)
-        findings.extend(_chain_links(tx, chains, fresh))
-        watermarks = _advance(tx, chains, devices, fresh, at)
+        links, around = _chain_links(tx, chains, fresh)
+        findings.extend(links)
+        watermarks = _advance(tx, chains, devices, fresh, around, at)
     quarantined = _quarantine(tx, [*rejected, *reused], at)
     findings.extend(_derive(tx, list(fresh.values()), at, settings))
     raised = _raise(tx, findings, at)
@@ -215,10 +227,14 @@ def _insert_events(tx: Tx, items: list[Accepted], at: float) -> None:
     )
 
 
+Neighbours = dict[tuple[bytes, int], tuple[bytes, bytes]]  # (kid, seq) -> (hash, prev) of stored events
+
+
 def _chain_links(
     tx: Tx, chains: Mapping[bytes, tuple[int, int]], fresh: Mapping[tuple[bytes, int], Accepted]
-) -> list[Finding]:
-    """A new event must link to the stored one before it, and the stored one after it to the new one."""
+) -> tuple[list[Finding], Neighbours]:
+    """A new event must link to the stored one before it, and the stored one after it to the new one.
+    Returns the findings and the stored neighbours it read."""
     neighbours = {
         (k, n)
         for k, s in fresh
@@ -239,7 +255,7 @@ def _chain_links(
         after = around.get((kid, seq + 1))
         if after is not None and after[1] != item.envelope.hash:
             out.append(Finding("chain_break", subject, (kid, seq + 1), f"seq {seq + 1} does not link to seq {seq}"))
-    return out
+    return out, around
 
 
 def _advance(
@@ -247,39 +263,62 @@ def _advance(
     chains: Mapping[bytes, tuple[int, int]],
     devices: Mapping[bytes, str],
     fresh: Mapping[tuple[bytes, int], Accepted],
+    around: Neighbours,
     at: float,
-) -> dict[bytes, tuple[str, int]]:
-    """Move each touched chain's watermark over every contiguous stored sequence number after it."""
-    marks = {kid: wm for kid, (wm, _) in chains.items()}
-    # A chain without holes (max_seq at its watermark) has nothing stored beyond the watermark but
-    # this batch's events; only chains with holes need to read what lies beyond it.
-    holes = sorted(kid for kid, (wm, top) in chains.items() if top > wm)
-    for kid in chains.keys() - set(holes):
-        while (kid, marks[kid] + 1) in fresh:
-            marks[kid] += 1
-    for chunk in _chunks(holes):
+) -> dict[bytes, Watermark]:
+    """Move each touched chain's watermark over every following event that is stored and links to the
+    one before it. A receipt promises exactly that, so a chain whose link is broken (a replaced or
+    cloned outbox under the same key) is receipted only up to the break."""
+    marks: dict[bytes, Watermark] = {}
+    unknown: list[tuple[bytes, int]] = []  # watermarks that did not move, whose hash is not at hand
+    beyond: dict[bytes, dict[int, tuple[bytes, bytes]]] = {}
+    # Only a chain whose next event arrived in this batch can move. Of those, only a chain with stored
+    # events beyond its watermark (a hole just filled) reads them; every other chain is decided by the
+    # batch alone, however long its history and however long ago a hole opened.
+    filling = sorted(kid for kid, (wm, top) in chains.items() if top > wm and (kid, wm + 1) in fresh)
+    for chunk in _chunks(filling):
         source, params = tx.rows(("blob", "bigint"), [(kid, chains[kid][0]) for kid in chunk])
-        following = tx.all(
-            f"WITH w (kid, wm) AS ({source}) SELECT e.kid, e.seq FROM events e JOIN w ON e.kid = w.kid "
-            "AND e.seq > w.wm ORDER BY e.kid, e.seq",
+        for kid, seq, digest, prev in tx.all(
+            f"WITH w (kid, wm) AS ({source}) SELECT e.kid, e.seq, e.hash, e.prev FROM events e JOIN w "
+            "ON e.kid = w.kid AND e.seq > w.wm ORDER BY e.kid, e.seq",
             params,
-        )
-        for kid, seq in following:
-            if seq == marks[kid] + 1:
-                marks[kid] = seq
+        ):
+            beyond.setdefault(kid, {})[seq] = (digest, prev)
+    for kid, (wm, _) in chains.items():
+        seq = wm
+        if (kid, wm + 1) in fresh:
+            # The first step checks the link to the event at the watermark, which _chain_links read.
+            digest = ZERO_HASH if wm == 0 else around[(kid, wm)][0]
+            following = beyond.get(kid, {})
+            while True:
+                item = fresh.get((kid, seq + 1))
+                step = (item.envelope.hash, item.event.prev) if item else following.get(seq + 1)
+                if step is None or step[1] != digest:
+                    break
+                seq, digest = seq + 1, step[0]
+        elif wm == 0:
+            digest = ZERO_HASH
+        elif (kid, wm) in around:
+            digest = around[(kid, wm)][0]
+        else:
+            digest = b""
+            unknown.append((kid, wm))
+        marks[kid] = Watermark(devices[kid], seq, digest)
+    for kid, _, digest in _pairs(tx, "e.hash", unknown):
+        marks[kid] = marks[kid]._replace(hash=digest)
     highest = {kid: top for kid, (_, top) in chains.items()}
     for kid, seq in fresh:
         highest[kid] = max(highest[kid], seq)
     tx.executemany(
         "UPDATE chains SET watermark = ?, max_seq = ?, last_received_at = ? WHERE kid = ?",
-        [(marks[kid], highest[kid], at, kid) for kid in sorted(chains)],
+        [(marks[kid].seq, highest[kid], at, kid) for kid in sorted(chains)],
     )
     tx.executemany(  # a hole that is now filled is no longer a gap
         "UPDATE findings SET resolved_at = ? WHERE kind = 'sequence_gap' AND ref_kid = ? AND ref_seq <= ? "
         "AND resolved_at IS NULL",
-        [(at, kid, marks[kid]) for kid in sorted(chains)],
+        [(at, kid, marks[kid].seq) for kid in sorted(chains)],
     )
-    return {kid: (devices[kid], marks[kid]) for kid in chains}
+    return marks
 
 
 # Quarantine rows keep the raw bytes whole (up to the intake's size limit); the texts beside them are
@@ -464,9 +503,11 @@ def sweep(tx: Tx, now: float, settings: RuleSettings) -> int:
     chains = tx.all("SELECT kid, device, watermark FROM chains WHERE max_seq > watermark")
     for kid, device, watermark in chains:
         first_after = tx.value("SELECT MIN(received_at) FROM events WHERE kid = ? AND seq > ?", (kid, watermark))
+        # A watermark also stops at a broken link, whose next event is stored: a chain_break, not a gap.
+        present = tx.value("SELECT 1 FROM events WHERE kid = ? AND seq = ?", (kid, watermark + 1)) is not None
         subject = f"device:{device}"
         desired = []
-        if first_after is not None and first_after < gap_before:
+        if first_after is not None and first_after < gap_before and not present:
             desired.append(
                 Finding(
                     "sequence_gap", subject, (kid, watermark + 1), f"seq {watermark + 1} of key {kid.hex()} missing"
