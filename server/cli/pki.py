@@ -17,8 +17,8 @@ examples:
   battery-server pki init --site "Shenzhen swap network"
   battery-server pki broker --host broker.example.net --host 10.0.0.5
   battery-server pki collector bt-collector-1
-  battery-server pki device station-1        # then copy ca.pem and issued/station-1.* to the device
-  battery-server pki revoke station-1        # then: kill -HUP the broker, or restart it
+  battery-server pki device station-1        # copy ca.pem and issued/station-1.* to the device; restart the broker
+  battery-server pki revoke station-1        # then: kill -HUP the broker (CRL), or restart it (CRL and topics)
   battery-server pki list --json
 
 The broker config that uses these files is configs/mosquitto-tls.conf.
@@ -60,7 +60,7 @@ def init(args: argparse.Namespace) -> int:
     def action(pki: Pki) -> Result:
         pki.init(args.site)
         return {
-            "json": {"ca": str(pki.ca_cert_path), "crl": str(pki.crl_path), "acl": str(pki.acl_path)},
+            "json": {"ca": str(pki.ca_cert_path), "crl": str(pki.crl_path), "access": str(pki.access_path)},
             "text": f"site CA created in {pki.folder} (ca.pem to share; ca.key stays here, mode 0600)",
         }
 
@@ -82,7 +82,8 @@ def issue(kind: Kind) -> Callable[[argparse.Namespace], int]:
                     "key": str(key),
                     "ca": str(pki.ca_cert_path),
                 },
-                "text": f"{kind} certificate {cert}\n{kind} key         {key} (mode 0600)",
+                "text": f"{kind} certificate {cert}\n{kind} key         {key} (mode 0600)"
+                + ("" if kind == "broker" else f"\nrestart the broker: it reads {pki.access_path} only at start"),
             }
 
         return _call(args, action)
@@ -96,8 +97,8 @@ def revoke(args: argparse.Namespace) -> int:
         serials = ", ".join(f"{i.serial:x}" for i in revoked)
         return {
             "json": {"revoked": [i.__dict__ for i in revoked], "crl": str(pki.crl_path)},
-            "text": f"revoked {args.name} (serial {serials}); {pki.crl_path} and {pki.acl_path} rewritten:\n"
-            "reload the broker (kill -HUP, or restart it) so it refuses the certificate",
+            "text": f"revoked {args.name} (serial {serials}); {pki.crl_path} and {pki.access_path} rewritten:\n"
+            "reload the broker (kill -HUP) so it refuses the certificate; a restart also drops its topics",
         }
 
     return _call(args, action)
@@ -128,8 +129,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the site CA and TLS certificates for the broker, devices and collectors",
         description="Issue the transport certificates of a site: a CA, the broker's server certificate, one "
         "client certificate per device and per collector (its common name is the device id or collector id "
-        "the broker's ACL matches), the CRL and the ACL. Exit 0 done, 1 refused (the reason on stderr), "
-        "2 usage error.",
+        "the broker's access rules match), the CRL and the broker's access rules (dynamic-security.json). "
+        "Exit 0 done, 1 refused (the reason on stderr), 2 usage error.",
         epilog=EXAMPLES,
         formatter_class=raw,
     )
@@ -160,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         common(q)
         q.set_defaults(func=issue(kind))  # type: ignore[arg-type]
 
-    r = psub.add_parser("revoke", help="revoke a name's certificates (CRL and ACL are rewritten)")
+    r = psub.add_parser("revoke", help="revoke a name's certificates (the CRL and the access rules are rewritten)")
     r.add_argument("name")
     common(r)
     r.set_defaults(func=revoke)
