@@ -8,13 +8,25 @@ dashboard's JSON API.
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from battery_trace.protocol import keys
+from battery_trace.server.store import Store
+from battery_trace.server.web import status_listener
+from hypothesis import given
+from hypothesis import strategies as st
 
-from harness import waiting
-from harness.broker import Broker, BrokerUnavailable
+from harness import collectors, waiting
+from harness.broker import Broker, BrokerUnavailable, free_port
 from tests.conftest import missing_service
 from tests.test_transport_security import Client, files, pki, tls_listener
 
@@ -120,3 +132,133 @@ def test_a_device_issued_later_is_let_in_once_the_broker_restarts(fleet_site, fl
     finally:
         late.close()
         collector.close()
+
+
+# -- statuses that would blind the operators ----------------------------------------------------------
+
+NASTY_STATUSES = {
+    "lone-surrogate": b'{"state": "online", "alarm": "\\udc00 disk"}',
+    "backlog-1e20": b'{"state": "online", "backlog": 100000000000000000000}',
+    "backlog-1e400": b'{"state": "online", "backlog": 1e400}',
+    "lag-1e400": b'{"state": "online", "oldest_unreceipted_s": 1e400}',
+    "lag-infinity": b'{"state": "online", "oldest_unreceipted_s": Infinity}',
+    "lag-nan": b'{"state": "online", "oldest_unreceipted_s": NaN}',
+    "time-minus-infinity": b'{"state": "online", "time": -Infinity}',
+    "negative-backlog": b'{"state": "online", "backlog": -5, "time": 1e300}',
+    "true-backlog": b'{"state": "online", "backlog": true}',
+    "not-utf8": b'{"state": "\xff\xfe online"}',
+    "utf16": '{"state": "online", "alarm": "\\ud800"}'.encode("utf-16"),
+    "nested-lists": b"[" * 4000,
+    "nested-objects": b'{"a": ' * 800 + b"1" + b"}" * 800,
+    "nested-garbage": b'{"state": {"online": [1]}, "backlog": [1], "alarm": {"x": 1}, "time": "now"}',
+    "control-alarm": b'{"state": "online", "alarm": "\\u0000\\u001b[2J"}',
+    "long-alarm": b'{"state": "online", "alarm": "' + b"x" * 1000 + b'"}',
+    "oversized": b'{"state": "online", "alarm": "' + b"x" * 5000 + b'"}',
+    "not-an-object": b'"online"',
+    "empty": b"",
+}
+
+
+def strict_json(raw: bytes) -> object:
+    """What a browser's JSON.parse accepts: no NaN, no Infinity."""
+    return json.loads(raw, parse_constant=lambda name: pytest.fail(f"/api/devices answered {name}"))
+
+
+def api(url: str, token: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def retained(broker: Broker, statuses: dict[str, bytes]) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="statuses", protocol=mqtt.MQTTv5)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    for device, payload in statuses.items():
+        client.publish(f"bt/v1/{device}/status", payload, qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path, broker: Broker):
+    """A real `battery-server run` with its dashboard, every device of NASTY_STATUSES enrolled, and
+    their statuses retained at the broker before it starts (as after a restart)."""
+    store = Store(f"sqlite:{tmp_path / 'record.sqlite'}")
+    for device in [*NASTY_STATUSES, "good-1", "good-2"]:
+        store.enroll(device, "gateway", keys.generate().public, None, 0.0)
+    retained(broker, NASTY_STATUSES | {"good-1": b'{"state": "online", "backlog": 7, "alarm": "disk 91 %"}'})
+    key_path = tmp_path / "server.key"
+    keys.save_private(keys.generate(), key_path)
+    port = free_port()
+    config = collectors.write_config(tmp_path / "server.toml", store.url, broker, "c1", key_path, web_port=port)
+    config.write_text(config.read_text() + f'token_file = "{tmp_path / "web.token"}"\n')
+    log = tmp_path / "server.log"
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "battery_trace.server.cli", "run", "-c", str(config)], stdout=out, stderr=out
+        )
+    collectors.wait_subscribed(log)
+    yield {"url": f"http://127.0.0.1:{port}", "token": (tmp_path / "web.token").read_text().strip(), "proc": server}
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=20)
+    store.close()
+
+
+def test_no_status_a_device_retains_can_blind_the_operators(dashboard, broker):
+    url, token, server = dashboard["url"], dashboard["token"], dashboard["proc"]
+
+    def devices() -> dict[str, dict]:
+        code, body = api(f"{url}/api/devices", token)
+        assert code == 200, f"/api/devices answered {code}: {body[:300]!r}"
+        return {row["device"]: row for row in strict_json(body)}
+
+    def up() -> bool:
+        try:
+            return api(f"{url}/healthz", token)[0] == 200
+        except urllib.error.URLError:
+            return False
+
+    waiting.wait_until(up, 20, "the dashboard", [server])
+    waiting.wait_until(lambda: devices()["good-1"]["state"] == "online", 20, "good-1's retained status", [server])
+    retained(broker, NASTY_STATUSES)  # again, live this time
+    retained(broker, {"good-2": b'{"state": "online", "backlog": 3, "oldest_unreceipted_s": 12.5}'})
+    waiting.wait_until(lambda: devices()["good-2"]["state"] == "online", 20, "a status sent after the nasty ones")
+    shown = devices()
+    assert (shown["good-1"]["backlog"], shown["good-1"]["alarm"]) == (7, "disk 91 %")
+    assert (shown["good-2"]["backlog"], shown["good-2"]["lag_s"]) == (3, 12.5)
+    assert shown["backlog-1e20"]["state"] == "online" and shown["backlog-1e20"]["backlog"] is None
+    assert shown["lag-infinity"]["state"] == "online" and shown["lag-infinity"]["lag_s"] is None
+    assert shown["lone-surrogate"]["alarm"] is None
+    code, body = api(f"{url}/metrics", token)
+    assert code == 200
+    refused = {
+        line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.decode().splitlines()
+        if line.startswith("bt_server_status_refused_total{")
+    }
+    assert {"bad_value", "not_json", "too_large", "not_an_object"} <= set(refused), refused
+    assert refused["bad_value"] >= 2 * 13 and "failed" not in refused, refused  # each refused field, twice
+    assert server.poll() is None
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+STATUS_FIELDS = ["state", "backlog", "oldest_unreceipted_s", "time", "alarm"]
+
+
+@given(st.dictionaries(st.sampled_from([*STATUS_FIELDS, "other"]), JSONISH, max_size=6))
+def test_what_is_kept_of_any_status_is_bounded_finite_and_valid(status):
+    kept, refused = status_listener.clean(status)
+    assert set(kept) | set(refused) == set(status) - {"other"}
+    json.dumps(kept, allow_nan=False).encode("utf-8")  # finite, and UTF-8 all through
+    for name in ("backlog", "oldest_unreceipted_s", "time"):
+        assert name not in kept or 0 <= kept[name] <= 10**14
