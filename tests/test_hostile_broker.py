@@ -27,8 +27,10 @@ from hypothesis import strategies as st
 
 from harness import collectors, waiting
 from harness.broker import Broker, BrokerUnavailable, free_port
-from tests.conftest import missing_service
+from harness.publisher import Publisher
+from tests.conftest import missing_service, private_cluster
 from tests.test_transport_security import Client, files, pki, tls_listener
+from tests.world import T0, World
 
 pytestmark = [pytest.mark.hostile, pytest.mark.integration]
 
@@ -262,3 +264,76 @@ def test_what_is_kept_of_any_status_is_bounded_finite_and_valid(status):
     json.dumps(kept, allow_nan=False).encode("utf-8")  # finite, and UTF-8 all through
     for name in ("backlog", "oldest_unreceipted_s", "time"):
         assert name not in kept or 0 <= kept[name] <= 10**14
+
+
+# -- QoS 0 floods ------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def flood_qos0(broker: Broker, topic: str, count: int, size: int) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flood", protocol=mqtt.MQTTv5)
+    client.max_queued_messages_set(0)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    payload = bytes(size)
+    infos = [client.publish(topic, payload, qos=0) for _ in range(count)]
+    for info in infos:
+        info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def stoppable_cluster():
+    with private_cluster("bt-pg-qos0-") as cluster:
+        yield cluster
+
+
+def test_qos0_events_during_a_store_outage_do_not_grow_the_collector(tmp_path, broker, stoppable_cluster):
+    """With the database stopped, QoS 1 events wait unacknowledged (Receive Maximum); a device flooding
+    QoS 0 "events" (160 MB here) must not pile up in the collector meanwhile: they are refused, counted,
+    and the honest events are all stored once the database is back."""
+    url = stoppable_cluster.create_database()
+    store = Store(url)
+    world = World(store)
+    station = world.device("station-1", "gateway")
+    health = {"code": "0RJPEA00HAU0AAG1C3000123", "health": {"soc_pct": 70}}
+    honest = [("bt/v1/station-1/events", station.seal("health", health, T0 + n * 1000)) for n in range(300)]
+    key_path = tmp_path / "server.key"
+    keys.save_private(keys.generate(), key_path)
+    log = tmp_path / "c1.log"
+    collector = collectors.start(
+        collectors.write_config(tmp_path / "c1.toml", url, broker, "c1", key_path, receive_max=100), log
+    )
+    collectors.wait_subscribed(log)
+    publisher = Publisher(broker, "station-1")
+    try:
+        publisher.publish(honest[:100])
+        waiting.wait_until(lambda: store.counts()["events"] == 100, 30, "the first events", [collector])
+        store.close()
+        stoppable_cluster.stop("immediate")
+        # Fewer than the Receive Maximum: the collector holds them unacknowledged and goes on reading.
+        publisher.publish(honest[100:150])
+        time.sleep(1)
+        before = rss_mb(collector.pid)
+        flood_qos0(broker, "bt/v1/station-1/events", count=20_000, size=8192)
+        time.sleep(3)
+        grown = rss_mb(collector.pid) - before
+        assert collector.poll() is None, "the collector must survive the outage and the flood"
+        assert grown < 40, f"the collector grew by {grown:.0f} MB during a QoS 0 flood of 160 MB"
+        stoppable_cluster.start()
+        store = Store(url)
+        publisher.publish(honest[150:])
+        waiting.wait_until(lambda: store.counts()["events"] == 300, 60, "every honest event", [collector])
+    finally:
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(timeout=30)
+        publisher.close()
+        store.close()
+    assert collectors.counters(log)["refused:qos0"] > 0
