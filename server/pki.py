@@ -36,8 +36,10 @@ KINDS: tuple[Kind, ...] = ("broker", "device", "collector")
 CA_DAYS = 3650
 LEAF_DAYS = 730
 # The broker refuses every client once the CRL's next update has passed, so it is re-signed on
-# every revocation and carries a long horizon; `battery-server pki crl` re-signs it early.
+# every revocation and carries a long horizon, and `battery-server pki renew-crl` (run daily by
+# configs/battery-pki-renew-crl.timer) re-signs it once fewer than RENEW_DAYS are left.
 CRL_DAYS = 365
+RENEW_DAYS = 30
 
 
 class PkiError(Exception):
@@ -198,9 +200,29 @@ class Pki:
         )
         self.access_path.write_text(json.dumps(access, indent=2) + "\n")
 
-    def write_crl(self, index: list[Issued] | None = None) -> None:
+    def crl_next_update(self) -> dt.datetime | None:
+        """When the broker starts refusing every client unless the CRL is re-signed; None if there is
+        no readable CRL (which the broker refuses just the same)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.next_update_utc
+
+    def renew_crl(self, within_days: int = RENEW_DAYS) -> tuple[bool, dt.datetime]:
+        """Re-sign the CRL if it expires within ``within_days`` (or cannot be read); returns whether it
+        was re-signed, and its next update."""
+        next_update = self.crl_next_update()
+        if next_update is not None and next_update - _now() > dt.timedelta(days=within_days):
+            return False, next_update
+        self.write_crl()
+        renewed = self.crl_next_update()
+        assert renewed is not None  # just written
+        return True, renewed
+
+    def write_crl(self, index: list[Issued] | None = None, now: dt.datetime | None = None) -> None:
         ca_cert, ca_key = self._ca()
-        now = _now()
+        now = now or _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)

@@ -8,6 +8,7 @@ dashboard's JSON API.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -20,16 +21,18 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from battery_trace.protocol import keys
+from battery_trace.server.pki import Pki
 from battery_trace.server.store import Store
 from battery_trace.server.web import status_listener
 from hypothesis import given
 from hypothesis import strategies as st
 
+from battery_trace.tls import client_context
 from harness import collectors, waiting
 from harness.broker import Broker, BrokerUnavailable, free_port
 from harness.publisher import Publisher
 from tests.conftest import missing_service, private_cluster
-from tests.test_transport_security import Client, files, pki, tls_listener
+from tests.test_transport_security import Client, files, pki, refused, tls_listener
 from tests.world import T0, World
 
 pytestmark = [pytest.mark.hostile, pytest.mark.integration]
@@ -337,3 +340,39 @@ def test_qos0_events_during_a_store_outage_do_not_grow_the_collector(tmp_path, b
         publisher.close()
         store.close()
     assert collectors.counters(log)["refused:qos0"] > 0
+
+
+# -- a CRL that runs out -----------------------------------------------------------------------------
+
+
+def test_a_crl_that_ran_out_is_renewed_by_the_timer_command_and_the_broker_lets_clients_in(
+    fleet_site, tmp_path, capsys
+):
+    """Past the CRL's next update the broker refuses every client. `pki renew-crl` (what the systemd
+    timer runs) re-signs it when it is due, says when it next expires (also as a metric), and after
+    the broker's reload everyone is let in again; run again, it leaves a fresh CRL alone."""
+    site = Pki(fleet_site)
+    site.write_crl(now=dt.datetime.now(dt.UTC) - dt.timedelta(days=366))  # signed a year and a day ago
+    try:
+        broker = Broker(tmp_path / "crl-broker", listener=tls_listener(fleet_site)).start()
+    except BrokerUnavailable as exc:
+        missing_service("mosquitto", exc)
+    station = client_context(files(fleet_site, "station-1"))
+    metric = tmp_path / "crl.prom"
+    try:
+        assert refused(broker, station), "an expired CRL must shut everyone out (or this test proves nothing)"
+        capsys.readouterr()
+        assert pki(fleet_site, "renew-crl", "--metrics-file", str(metric), "--json") == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["renewed"] is True
+        left = dt.datetime.fromisoformat(answer["next_update"]) - dt.datetime.now(dt.UTC)
+        assert left > dt.timedelta(days=300)
+        (sample,) = [line for line in metric.read_text().splitlines() if not line.startswith("#")]
+        value = float(sample.removeprefix("bt_pki_crl_next_update_timestamp_seconds "))
+        assert abs(value - dt.datetime.fromisoformat(answer["next_update"]).timestamp()) < 1
+        broker.process.send_signal(signal.SIGHUP)
+        waiting.wait_until(lambda: refused(broker, station) == "", 10, "the broker to let station-1 in again")
+        assert pki(fleet_site, "renew-crl", "--json") == 0
+        assert json.loads(capsys.readouterr().out)["renewed"] is False
+    finally:
+        broker.stop()

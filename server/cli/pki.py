@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from battery_trace.server.cli.common import INVALID, OK
-from battery_trace.server.pki import LEAF_DAYS, Kind, Pki, PkiError
+from battery_trace.server.pki import LEAF_DAYS, RENEW_DAYS, Kind, Pki, PkiError
 
 EXAMPLES = """
 examples:
@@ -112,6 +112,34 @@ def crl(args: argparse.Namespace) -> int:
     return _call(args, action)
 
 
+CRL_METRIC = "bt_pki_crl_next_update_timestamp_seconds"
+
+
+def renew_crl(args: argparse.Namespace) -> int:
+    def action(pki: Pki) -> Result:
+        renewed, next_update = pki.renew_crl(args.within)
+        if args.metrics_file:
+            _write_metric(Path(args.metrics_file), next_update.timestamp())
+        what = "re-signed" if renewed else f"more than {args.within} days left on"
+        reload = "; reload the broker (kill -HUP) so it reads it" if renewed else ""
+        return {
+            "json": {"crl": str(pki.crl_path), "renewed": renewed, "next_update": next_update.isoformat()},
+            "text": f"{what} {pki.crl_path}: valid until {next_update.isoformat()}{reload}",
+        }
+
+    return _call(args, action)
+
+
+def _write_metric(path: Path, next_update: float) -> None:
+    """For node_exporter's textfile collector: written aside and renamed, so a scrape never reads half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(
+        f"# HELP {CRL_METRIC} When the broker's CRL expires; past it, the broker refuses every client.\n"
+        f"# TYPE {CRL_METRIC} gauge\n{CRL_METRIC} {next_update:.0f}\n"
+    )
+    partial.replace(path)
+
+
 def list_certs(args: argparse.Namespace) -> int:
     def action(pki: Pki) -> Result:
         index = pki.index()
@@ -169,6 +197,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = psub.add_parser("crl", help="re-sign the CRL before its next-update time runs out")
     common(c)
     c.set_defaults(func=crl)
+
+    rc = psub.add_parser(
+        "renew-crl",
+        help="re-sign the CRL when it expires soon (for a timer: configs/battery-pki-renew-crl.timer)",
+        description="Re-sign the CRL when fewer than --within days are left before its next update (the broker "
+        "refuses every client once it has passed), and optionally write its expiry as a Prometheus metric. "
+        "Exit 0 whether or not it was re-signed; after a renewal, reload the broker (kill -HUP).",
+    )
+    rc.add_argument("--within", type=_days, default=RENEW_DAYS, help=f"days left that renew it (default {RENEW_DAYS})")
+    rc.add_argument("--metrics-file", help=f"write {CRL_METRIC} here (node_exporter's textfile collector)")
+    common(rc)
+    rc.set_defaults(func=renew_crl)
 
     lst = psub.add_parser("list", help="every certificate issued, and whether it is revoked")
     common(lst)
