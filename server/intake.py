@@ -14,7 +14,8 @@ Arrival order matters for evidence: of two different events signed under one seq
 first to arrive stays the record and the second is quarantined; batches are committed in the order
 they were taken. The inbox stays near the MQTT v5 Receive Maximum announced to the broker: the link
 stops reading while that many messages are unacknowledged, so the network thread never blocks on the
-inbox (which would starve keep-alives).
+inbox (which would starve keep-alives). Events at QoS 0, which nothing acknowledges, are refused
+before the inbox (counted as ``refused:qos0``), so that bound holds whatever devices publish.
 
 When the store is unreachable, a batch is retried with backoff; nothing is acknowledged meanwhile,
 so at Receive Maximum the link stops reading and the broker keeps the rest.
@@ -163,7 +164,18 @@ class Collector:
         self.count("disconnects")
 
     def _on_messages(self, generation: int, messages: list[Message]) -> None:
-        self.inbox.put([(generation, m) for m in messages])
+        # An event at QoS 0 has no packet id: it cannot be held unacknowledged until it is stored, so
+        # the Receive Maximum that bounds the inbox would not count it, and during a store outage the
+        # inbox would grow without limit. Events are QoS 1 (docs/wire-contract.md): the rest is
+        # refused here, counted, and never queued; an agent resends what is not receipted.
+        acknowledgeable = [(generation, m) for m in messages if m.packet_id is not None]
+        if refused := len(messages) - len(acknowledgeable):
+            if not self.counters["refused:qos0"]:
+                log.warning("refusing events published at QoS 0 (first on %s); events must be QoS 1", messages[0].topic)
+            self.count("refused:qos0", refused)
+            metrics.REFUSED_QOS0.inc(refused)
+        if acknowledgeable:
+            self.inbox.put(acknowledgeable)
 
     def start(self) -> None:
         self.link.start()

@@ -41,6 +41,18 @@ FINDINGS = Counter("bt_server_findings", "Findings raised or re-raised at intake
 STORE_FAILURES = Counter(
     "bt_server_store_failures", "Store operations that failed and were retried.", registry=REGISTRY
 )
+REFUSED_QOS0 = Counter(
+    "bt_server_refused_qos0",
+    "Events published at QoS 0, refused unread: they cannot be acknowledged after commit (events are QoS 1).",
+    registry=REGISTRY,
+)
+STATUS_REFUSED = Counter(
+    "bt_server_status_refused",
+    "Device statuses, or fields of them, not kept: by reason (bad_topic, too_large, not_json, not_an_object, "
+    "bad_value, failed).",
+    ["reason"],
+    registry=REGISTRY,
+)
 BROKER_UP = Gauge("bt_server_broker_connected", "1 while the collector is subscribed at the broker.", registry=REGISTRY)
 
 

@@ -10,7 +10,7 @@ The folder (mode 0700):
 
     ca.pem, ca.key        the site CA (the key never leaves this folder)
     crl.pem               revoked client certificates; the broker reads it at start and on SIGHUP
-    acl                   the broker's ACL: devices their own topics, collectors all events
+    dynamic-security.json who may use which topic (mosquitto's dynamic security plugin); read at start
     index.json            every certificate issued: name, kind, serial, expiry, revocation
     issued/NAME.pem|.key  the certificates and keys handed to the broker, devices and collectors
 """
@@ -36,8 +36,10 @@ KINDS: tuple[Kind, ...] = ("broker", "device", "collector")
 CA_DAYS = 3650
 LEAF_DAYS = 730
 # The broker refuses every client once the CRL's next update has passed, so it is re-signed on
-# every revocation and carries a long horizon; `battery-server pki crl` re-signs it early.
+# every revocation and carries a long horizon, and `battery-server pki renew-crl` (run daily by
+# configs/battery-pki-renew-crl.timer) re-signs it once fewer than RENEW_DAYS are left.
 CRL_DAYS = 365
+RENEW_DAYS = 30
 
 
 class PkiError(Exception):
@@ -81,7 +83,7 @@ class Pki:
         self.ca_cert_path = folder / "ca.pem"
         self.ca_key_path = folder / "ca.key"
         self.crl_path = folder / "crl.pem"
-        self.acl_path = folder / "acl"
+        self.access_path = folder / "dynamic-security.json"
         self.index_path = folder / "index.json"
         self.issued_dir = folder / "issued"
 
@@ -191,11 +193,36 @@ class Pki:
     def _save(self, index: list[Issued]) -> None:
         self.index_path.write_text(json.dumps({"certificates": [asdict(i) for i in index]}, indent=2) + "\n")
         self.write_crl(index)
-        self.acl_path.write_text(acl(sorted(i.name for i in index if i.kind == "collector" and i.active)))
+        active = [i for i in index if i.active]
+        access = broker_access(
+            sorted(i.name for i in active if i.kind == "device"),
+            sorted(i.name for i in active if i.kind == "collector"),
+        )
+        self.access_path.write_text(json.dumps(access, indent=2) + "\n")
 
-    def write_crl(self, index: list[Issued] | None = None) -> None:
+    def crl_next_update(self) -> dt.datetime | None:
+        """When the broker starts refusing every client unless the CRL is re-signed; None if there is
+        no readable CRL (which the broker refuses just the same)."""
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return crl.next_update_utc
+
+    def renew_crl(self, within_days: int = RENEW_DAYS) -> tuple[bool, dt.datetime]:
+        """Re-sign the CRL if it expires within ``within_days`` (or cannot be read); returns whether it
+        was re-signed, and its next update."""
+        next_update = self.crl_next_update()
+        if next_update is not None and next_update - _now() > dt.timedelta(days=within_days):
+            return False, next_update
+        self.write_crl()
+        renewed = self.crl_next_update()
+        assert renewed is not None  # just written
+        return True, renewed
+
+    def write_crl(self, index: list[Issued] | None = None, now: dt.datetime | None = None) -> None:
         ca_cert, ca_key = self._ca()
-        now = _now()
+        now = now or _now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(ca_cert.subject)
@@ -213,27 +240,64 @@ class Pki:
         self.crl_path.write_bytes(_pem(builder.sign(ca_key, hashes.SHA256())))
 
 
-def acl(collectors: list[str]) -> str:
-    """The broker's ACL. The broker takes each client's username from its certificate's common name
-    (``use_identity_as_username``), so ``%u`` is the device id the certificate was issued for."""
+# Why the broker's access rules are a dynamic-security file and not an acl_file: mosquitto 2.0's
+# acl_file never checks a SUBSCRIBE (its check returns "allowed" for every subscription and tests
+# only delivery). A device could then join the collectors' shared-subscription group: the broker
+# hands it a share of every device's events and drops them at the delivery check, so those events
+# are delayed until their agents resend them, for as long as it stays subscribed. The dynamic
+# security plugin (shipped with mosquitto 2.0) checks subscriptions, but its 2.0 rules cannot name
+# "the client's own username" (%u), so each device gets rules of its own, and the plugin reads the
+# file only at start: restart the broker after issuing or revoking a certificate.
+
+
+def _acl(kind: str, topic: str) -> dict[str, object]:
+    return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+
+
+def broker_access(devices: list[str], collectors: list[str]) -> dict[str, object]:
+    """The dynamic security plugin's file. The broker takes each client's username from its
+    certificate's common name (``use_identity_as_username``); a name not in this file may do nothing
+    (every default is "deny"), so a certificate issued after the broker started is shut out, not let in."""
     p = topics.PREFIX
-    lines = [
-        "# Written by `battery-server pki`; it is rewritten whenever a collector is issued or revoked.",
-        "# Devices: publish their own events and status, read their own receipts, nothing else.",
-        f"pattern write {p}/%u/events",
-        f"pattern write {p}/%u/status",
-        f"pattern read {p}/%u/receipts",
+    roles: list[dict[str, object]] = [
+        {
+            "rolename": "collector",
+            "textdescription": "every device's events (as one shared group) and statuses; writes receipts",
+            "acls": [
+                _acl("subscribeLiteral", topics.SHARED_EVENTS),
+                _acl("subscribeLiteral", f"{p}/+/status"),
+                _acl("publishClientReceive", f"{p}/+/events"),
+                _acl("publishClientReceive", f"{p}/+/status"),
+                _acl("publishClientSend", f"{p}/+/receipts"),
+            ],
+        }
     ]
-    for name in collectors:
-        lines += [
-            "",
-            f"# Collector {name}: every device's events and status, and the receipts it signs.",
-            f"user {name}",
-            f"topic read {p}/+/events",
-            f"topic read {p}/+/status",
-            f"topic write {p}/+/receipts",
-        ]
-    return "\n".join(lines) + "\n"
+    clients: list[dict[str, object]] = [{"username": c, "roles": [{"rolename": "collector"}]} for c in collectors]
+    for device in devices:
+        roles.append(
+            {
+                "rolename": f"device-{device}",
+                "textdescription": "publishes its own events and status, reads its own receipts",
+                "acls": [
+                    _acl("publishClientSend", f"{p}/{device}/events"),
+                    _acl("publishClientSend", f"{p}/{device}/status"),
+                    _acl("subscribeLiteral", f"{p}/{device}/receipts"),
+                    _acl("publishClientReceive", f"{p}/{device}/receipts"),
+                ],
+            }
+        )
+        clients.append({"username": device, "roles": [{"rolename": f"device-{device}"}]})
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": clients,
+        "groups": [],
+        "roles": roles,
+    }
 
 
 def _san(host: str) -> x509.GeneralName:

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from battery_trace.server.cli.common import INVALID, OK
-from battery_trace.server.pki import LEAF_DAYS, Kind, Pki, PkiError
+from battery_trace.server.pki import LEAF_DAYS, RENEW_DAYS, Kind, Pki, PkiError
 
 EXAMPLES = """
 examples:
   battery-server pki init --site "Shenzhen swap network"
   battery-server pki broker --host broker.example.net --host 10.0.0.5
   battery-server pki collector bt-collector-1
-  battery-server pki device station-1        # then copy ca.pem and issued/station-1.* to the device
-  battery-server pki revoke station-1        # then: kill -HUP the broker, or restart it
+  battery-server pki device station-1        # copy ca.pem and issued/station-1.* to the device; restart the broker
+  battery-server pki revoke station-1        # then: kill -HUP the broker (CRL), or restart it (CRL and topics)
   battery-server pki list --json
 
 The broker config that uses these files is configs/mosquitto-tls.conf.
@@ -60,7 +60,7 @@ def init(args: argparse.Namespace) -> int:
     def action(pki: Pki) -> Result:
         pki.init(args.site)
         return {
-            "json": {"ca": str(pki.ca_cert_path), "crl": str(pki.crl_path), "acl": str(pki.acl_path)},
+            "json": {"ca": str(pki.ca_cert_path), "crl": str(pki.crl_path), "access": str(pki.access_path)},
             "text": f"site CA created in {pki.folder} (ca.pem to share; ca.key stays here, mode 0600)",
         }
 
@@ -82,7 +82,8 @@ def issue(kind: Kind) -> Callable[[argparse.Namespace], int]:
                     "key": str(key),
                     "ca": str(pki.ca_cert_path),
                 },
-                "text": f"{kind} certificate {cert}\n{kind} key         {key} (mode 0600)",
+                "text": f"{kind} certificate {cert}\n{kind} key         {key} (mode 0600)"
+                + ("" if kind == "broker" else f"\nrestart the broker: it reads {pki.access_path} only at start"),
             }
 
         return _call(args, action)
@@ -96,8 +97,8 @@ def revoke(args: argparse.Namespace) -> int:
         serials = ", ".join(f"{i.serial:x}" for i in revoked)
         return {
             "json": {"revoked": [i.__dict__ for i in revoked], "crl": str(pki.crl_path)},
-            "text": f"revoked {args.name} (serial {serials}); {pki.crl_path} and {pki.acl_path} rewritten:\n"
-            "reload the broker (kill -HUP, or restart it) so it refuses the certificate",
+            "text": f"revoked {args.name} (serial {serials}); {pki.crl_path} and {pki.access_path} rewritten:\n"
+            "reload the broker (kill -HUP) so it refuses the certificate; a restart also drops its topics",
         }
 
     return _call(args, action)
@@ -109,6 +110,34 @@ def crl(args: argparse.Namespace) -> int:
         return {"json": {"crl": str(pki.crl_path)}, "text": f"re-signed {pki.crl_path}"}
 
     return _call(args, action)
+
+
+CRL_METRIC = "bt_pki_crl_next_update_timestamp_seconds"
+
+
+def renew_crl(args: argparse.Namespace) -> int:
+    def action(pki: Pki) -> Result:
+        renewed, next_update = pki.renew_crl(args.within)
+        if args.metrics_file:
+            _write_metric(Path(args.metrics_file), next_update.timestamp())
+        what = "re-signed" if renewed else f"more than {args.within} days left on"
+        reload = "; reload the broker (kill -HUP) so it reads it" if renewed else ""
+        return {
+            "json": {"crl": str(pki.crl_path), "renewed": renewed, "next_update": next_update.isoformat()},
+            "text": f"{what} {pki.crl_path}: valid until {next_update.isoformat()}{reload}",
+        }
+
+    return _call(args, action)
+
+
+def _write_metric(path: Path, next_update: float) -> None:
+    """For node_exporter's textfile collector: written aside and renamed, so a scrape never reads half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(
+        f"# HELP {CRL_METRIC} When the broker's CRL expires; past it, the broker refuses every client.\n"
+        f"# TYPE {CRL_METRIC} gauge\n{CRL_METRIC} {next_update:.0f}\n"
+    )
+    partial.replace(path)
 
 
 def list_certs(args: argparse.Namespace) -> int:
@@ -128,8 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the site CA and TLS certificates for the broker, devices and collectors",
         description="Issue the transport certificates of a site: a CA, the broker's server certificate, one "
         "client certificate per device and per collector (its common name is the device id or collector id "
-        "the broker's ACL matches), the CRL and the ACL. Exit 0 done, 1 refused (the reason on stderr), "
-        "2 usage error.",
+        "the broker's access rules match), the CRL and the broker's access rules (dynamic-security.json). "
+        "Exit 0 done, 1 refused (the reason on stderr), 2 usage error.",
         epilog=EXAMPLES,
         formatter_class=raw,
     )
@@ -160,7 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         common(q)
         q.set_defaults(func=issue(kind))  # type: ignore[arg-type]
 
-    r = psub.add_parser("revoke", help="revoke a name's certificates (CRL and ACL are rewritten)")
+    r = psub.add_parser("revoke", help="revoke a name's certificates (the CRL and the access rules are rewritten)")
     r.add_argument("name")
     common(r)
     r.set_defaults(func=revoke)
@@ -168,6 +197,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = psub.add_parser("crl", help="re-sign the CRL before its next-update time runs out")
     common(c)
     c.set_defaults(func=crl)
+
+    rc = psub.add_parser(
+        "renew-crl",
+        help="re-sign the CRL when it expires soon (for a timer: configs/battery-pki-renew-crl.timer)",
+        description="Re-sign the CRL when fewer than --within days are left before its next update (the broker "
+        "refuses every client once it has passed), and optionally write its expiry as a Prometheus metric. "
+        "Exit 0 whether or not it was re-signed; after a renewal, reload the broker (kill -HUP).",
+    )
+    rc.add_argument("--within", type=_days, default=RENEW_DAYS, help=f"days left that renew it (default {RENEW_DAYS})")
+    rc.add_argument("--metrics-file", help=f"write {CRL_METRIC} here (node_exporter's textfile collector)")
+    common(rc)
+    rc.set_defaults(func=renew_crl)
 
     lst = psub.add_parser("list", help="every certificate issued, and whether it is revoked")
     common(lst)
