@@ -177,6 +177,8 @@ def test_a_swap_on_a_full_disk_is_held_alarmed_and_sealed_once_space_returns(tmp
             seqs = sorted(e.seq for e in record_server.events())
             assert seqs == list(range(1, status["outbox"]["head_seq"] + 1))  # no gap, nothing twice
             assert agent.poll() is None
+            assert "failed unexpectedly" not in (tmp_path / "agent.log").read_text()  # no source fell over either
+            assert status["bindings"]["unsaved"] == 1  # battery B's binding, kept in memory while the disk was full
         finally:
             agents.stop(agent)
             for s in slots.values():
