@@ -291,6 +291,34 @@ def test_a_web_page_on_the_rig_cannot_confirm_but_the_technician_can(tmp_path):
         link.close()
 
 
+@pytest.mark.integration
+def test_a_confirmation_on_a_full_disk_is_accepted_held_and_sealed_once_space_returns(tmp_path):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        config, port, bms, link = rig_agent(disk)
+        agent = agents.start(config, tmp_path / "agent.log")
+        try:
+            wait_until(
+                lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("code") == PACK_A,
+                20,
+                "the pack",
+                [agent],
+            )
+            filler = fill(disk)
+            held = _cli(config, ["confirm", "rebalance"])
+            assert held.returncode == 0 and "NOT SEALED YET" in held.stderr and "do not confirm" in held.stderr
+            status = agents.status(port)
+            assert status["workflow"]["maintenance_held"] == 1 and status["outbox"]["held"] == 1
+            assert status["outbox"]["head_seq"] == 0
+            filler.unlink()
+            wait_until(lambda: agents.status(port)["outbox"]["held"] == 0, 10, "the confirmation sealed", [agent])
+            assert agents.status(port)["outbox"]["head_seq"] == 1 and agents.status(port)["outbox"]["alarm"] is None
+        finally:
+            agents.stop(agent)
+            bms.stop()
+            link.close()
+    assert agent.returncode == 0
+
+
 def _corrupt(folder: Path) -> Path:
     path = folder / "outbox.sqlite"
     path.write_bytes(os.urandom(8192))
