@@ -83,13 +83,13 @@ class Sealer:
         self.sealed = 0
         self.held: deque[Draft] = deque()
         self.budget_alarm: str | None = None
-        self.write_failure: str | None = None  # why the last write failed, until one succeeds
+        self.write_failure: OutboxError | None = None  # why the last write failed, until one succeeds
         self._health_seen = 0
 
     @property
     def alarm(self) -> str | None:
         """What an operator must act on, or None."""
-        if self.write_failure:
+        if self.write_failure is not None:
             return (
                 f"{self.write_failure}; {len(self.held)} lifecycle event(s) held in memory until it can be "
                 "written, health snapshots dropped"
@@ -146,8 +146,9 @@ class Sealer:
     def _keep(self, draft: Draft) -> int:
         """A draft the outbox cannot take now: a health snapshot is dropped, a lifecycle event held."""
         if draft.type == "health":
-            self.refused["disk_full"] += 1
-            raise Refused("disk_full", "the outbox cannot be written; health snapshots are dropped meanwhile")
+            reason = "disk_full" if self.write_failure is None or self.write_failure.full else "outbox_error"
+            self.refused[reason] += 1
+            raise Refused(reason, "the outbox cannot be written; health snapshots are dropped meanwhile")
         if len(self.held) >= self.HELD_MAX:
             self.refused["held_full"] += 1
             log.error(
@@ -172,7 +173,7 @@ class Sealer:
             self.write_errors["disk_full" if exc.full else "other"] += 1
             if self.write_failure is None:
                 log.error("%s", exc)
-            self.write_failure = str(exc)
+            self.write_failure = exc
             raise
         if self.write_failure is not None:
             log.warning("the outbox can be written again (%d held events still to seal)", len(self.held))
