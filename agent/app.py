@@ -18,12 +18,12 @@ from typing import Any
 from battery_trace.agent import metrics
 from battery_trace.agent.battery_view import BatteryView, SlotState
 from battery_trace.agent.config import AgentConfig
-from battery_trace.agent.control import ControlServer
+from battery_trace.agent.control import ControlServer, create_secret
 from battery_trace.agent.decoders.station import StationCommand, parse
 from battery_trace.agent.identity import Bindings
 from battery_trace.agent.outbox import Outbox
 from battery_trace.agent.readings import DecodeError
-from battery_trace.agent.sealer import Draft, Refused, Sealer
+from battery_trace.agent.sealer import Draft, Held, Refused, Sealer
 from battery_trace.agent.sources.can_bus import CanSource
 from battery_trace.agent.sources.serial_port import serial_source
 from battery_trace.agent.uplink import Uplink
@@ -43,7 +43,9 @@ class Agent:
         self.key = keys.load_private(config.key_path)
         self.outbox = Outbox(config.outbox_path)
         self.bindings = Bindings(config.outbox_path)
-        self.sealer = Sealer(self.outbox, self.key, config.device, config.role, int(config.outbox_budget_mb * 1e6))
+        self.sealer = Sealer(
+            self.outbox, self.key, config.device, config.role, int(config.outbox_budget_mb * 1e6), hold=True
+        )
         self.uplink = Uplink(config.mqtt, self.outbox, config.device, self.key.public.kid, config.server_key)
         self.uplink.extra_status = self.status_summary
         self.view = BatteryView(self.bindings, config.absent_after_s)
@@ -72,6 +74,10 @@ class Agent:
             self.sources.append(serial_source(line.slot, line.serial, self.reading))
         self.started = time.time()
         self.decode_errors = 0
+        self.tick_errors = 0
+        # Only a rig takes confirmations, so only a rig needs the secret that guards them.
+        self.control_secret = create_secret(config.control_secret) if kind == "maintenance_rig" else None
+        self.control: ControlServer | None = None
 
     def _slot_changed(self, what: str, slot: int, state: SlotState) -> None:
         self.slot_changes[what] += 1
@@ -87,7 +93,7 @@ class Agent:
             if isinstance(self.workflow, SwapStation):
                 self.workflow.command(reading)
             elif isinstance(self.workflow, MaintenanceRig):
-                with contextlib.suppress(RigError, Refused):  # logged where they happen
+                with contextlib.suppress(RigError, Refused, Held):  # logged where they happen
                     self.workflow.command(reading)
             return
         self.view.update(slot, reading)
@@ -104,10 +110,16 @@ class Agent:
             seq = self.workflow.command(command)
         except (RigError, Refused) as exc:
             raise ValueError(str(exc)) from None
+        except Held as exc:  # taken, and kept until the outbox can be written: confirming again would be twice
+            return {"sealed": None, "held": str(exc)}
         return {"sealed": seq}
 
     def status_summary(self) -> dict[str, Any]:
-        return {"alarm": self.sealer.alarm, "sources_down": sum(not s.connected for s in self.sources)}
+        return {
+            "alarm": self.sealer.alarm,
+            "held": len(self.sealer.held),
+            "sources_down": sum(not s.connected for s in self.sources),
+        }
 
     def status(self) -> dict[str, Any]:
         depth, oldest = self.outbox.depth()
@@ -121,6 +133,7 @@ class Agent:
                 "head_seq": self.outbox.head(self.key.public.kid),
                 "bytes": self.outbox.size_bytes(),
                 "alarm": self.sealer.alarm,
+                "held": len(self.sealer.held),
             },
             "uplink": {"connected": self.uplink.connected, **self.uplink.counters},
             "sealer": {"sealed": self.sealer.sealed, "refused": dict(self.sealer.refused)},
@@ -158,10 +171,18 @@ class Agent:
         period = min(1.0, self.config.health_interval_s)
         while True:
             await asyncio.sleep(period)
-            now = time.time()
-            self.view.expire(now)
-            if self.workflow is not None:
-                self.workflow.tick(now)
+            try:
+                self._tick_once(time.time())
+            except Exception:  # an unattended station must outlive one bad tick; it is logged and counted
+                self.tick_errors += 1
+                log.exception("a periodic tick failed; the agent goes on")
+
+    def _tick_once(self, now: float) -> None:
+        if self.sealer.retry():
+            self.uplink.notify()
+        self.view.expire(now)
+        if self.workflow is not None:
+            self.workflow.tick(now)
 
     async def run(self) -> None:
         log.info(
@@ -173,15 +194,31 @@ class Agent:
             self.config.outbox_path,
             self.outbox.depth()[0],
         )
+        if self.config.plaintext_broker:
+            log.warning(
+                "BROKER %s:%d IS REACHED IN THE CLEAR (no TLS; [mqtt] allow_plaintext = true): anyone on the "
+                "network sees this device's events, codes and password; configure tls_ca",
+                self.config.mqtt.host,
+                self.config.mqtt.port,
+            )
         control = None
         if self.config.control:
             host, port = self.config.control
-            control = ControlServer(host, port, lambda: metrics.render(self), self.status, self.healthy, self.confirm)
+            control = ControlServer(
+                host,
+                port,
+                lambda: metrics.render(self),
+                self.status,
+                self.healthy,
+                self.confirm,
+                self.control_secret,
+            )
             try:
                 await control.start()
             except OSError as exc:  # a busy port must not stop the agent from delivering events
                 log.error("no /metrics, /status or /confirm: cannot listen on %s:%d (%s)", host, port, exc.strerror)
                 control = None
+        self.control = control
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.uplink.run(self.config.status_interval_s))

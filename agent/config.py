@@ -64,6 +64,8 @@ class AgentConfig:
     lines: tuple[LineDevice, ...]
     control: tuple[str, int] | None  # loopback host and port of /metrics, /healthz, /status
     status_interval_s: float
+    control_secret: Path  # what `battery-agent confirm` must show POST /confirm
+    plaintext_broker: bool  # a broker beyond this machine without TLS, allowed by [mqtt] allow_plaintext
 
 
 def _serial(p: Section, protocols: tuple[str, ...], default: str) -> SerialSettings:
@@ -152,7 +154,17 @@ def _slot(s: Section) -> SlotSettings:
     return SlotSettings(slot, code, serial, can)
 
 
-def _mqtt(m: Section) -> MqttSettings:
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _mqtt(m: Section) -> tuple[MqttSettings, bool]:
+    """The broker settings, and whether they reach beyond this machine in the clear (allowed only when
+    ``allow_plaintext = true``: signatures keep events honest, but the password, device ids and battery
+    codes would cross the network readable by anyone on the way)."""
     settings = MqttSettings(
         host=m.text("host", "127.0.0.1"),
         port=m.integer("port", 1883, low=1, high=65535),
@@ -164,8 +176,16 @@ def _mqtt(m: Section) -> MqttSettings:
         username=m.text("username", None),
         password=m.text("password", None),
     )
+    allow_plaintext = m.boolean("allow_plaintext", False)
+    plaintext = settings.tls is None and not _is_loopback(settings.host)
+    if plaintext and not allow_plaintext:
+        raise m.error(
+            "host",
+            "is not this machine and no TLS is configured: set tls_ca (and a client certificate) to reach it, "
+            "or allow_plaintext = true to send in the clear on a network you trust",
+        )
     m.finish()
-    return settings
+    return settings, plaintext
 
 
 def _listen(o: Section) -> tuple[str, int] | None:
@@ -174,11 +194,7 @@ def _listen(o: Section) -> tuple[str, int] | None:
         return None
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not _is_loopback(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise o.error("listen", "must be a loopback address and port, e.g. 127.0.0.1:9108 (or 'off')")
     return host, int(port)
 
@@ -202,7 +218,7 @@ def load(path: Path) -> AgentConfig:
         raise srv.error("public_key", f"{exc}; give 64 hex characters or the path of a PEM file") from None
     srv.finish()
 
-    mqtt = _mqtt(root.section("mqtt"))
+    mqtt, plaintext_broker = _mqtt(root.section("mqtt"))
     o = root.section("outbox")
     outbox_path = o.path("path", "outbox.sqlite")
     budget = o.number("budget_mb", 1024.0, low=1.0, high=1_000_000)
@@ -236,6 +252,7 @@ def load(path: Path) -> AgentConfig:
         raise root.error("plc", "a PLC drives swaps; it belongs to site kind 'swap_station'")
     observability = root.section("observability")
     control = _listen(observability)
+    control_secret = observability.path("secret_file", str(outbox_path.with_suffix(".control-secret")))
     observability.finish()
     root.finish()
     return AgentConfig(
@@ -254,4 +271,6 @@ def load(path: Path) -> AgentConfig:
         lines=tuple(lines),
         control=control,
         status_interval_s=status_interval_s,
+        control_secret=control_secret,
+        plaintext_broker=plaintext_broker,
     )

@@ -52,10 +52,19 @@ class Bindings:
                 self.counters["conflicts"] += 1
                 log.warning("%s is bound to %s; refusing to rebind it to %s (from %s)", secondary, known, code, source)
                 return False
-            self._db.execute(
-                "INSERT INTO bindings (secondary, code, source, bound_at) VALUES (?, ?, ?, ?)",
-                (secondary, code, source, time.time()),
-            )
+            try:
+                self._db.execute(
+                    "INSERT INTO bindings (secondary, code, source, bound_at) VALUES (?, ?, ?, ?)",
+                    (secondary, code, source, time.time()),
+                )
+            except sqlite3.Error as exc:  # a full disk: bound for this run, so the reading is not lost
+                self.counters["unsaved"] += 1
+                log.error(
+                    "binding %s to %s kept in memory only (%s); scan the label again after a restart",
+                    secondary,
+                    code,
+                    exc,
+                )
             self._cache[secondary] = code
             self.counters["bound"] += 1
             log.info("bound %s to %s (from %s)", secondary, code, source)

@@ -28,9 +28,21 @@ def render(agent: Agent) -> str:
     lines += metric_lines("bt_agent_outbox_bytes", "Outbox size on disk.", "gauge", [({}, agent.outbox.size_bytes())])
     lines += metric_lines(
         "bt_agent_outbox_alarm",
-        "1 when the outbox is over its disk budget.",
+        "1 when the outbox is over its disk budget or cannot be written (a full disk).",
         "gauge",
         [({}, 1 if agent.sealer.alarm else 0)],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_held",
+        "Lifecycle events held in memory because the outbox cannot be written; sealed when it can.",
+        "gauge",
+        [({}, len(agent.sealer.held))],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_write_errors_total",
+        "Seals the outbox's database refused, by reason (disk_full, other).",
+        "counter",
+        [({"reason": r}, n) for r, n in sorted(agent.sealer.write_errors.items())],
     )
     lines += metric_lines(
         "bt_agent_sealed_total", "Events sealed into the outbox.", "counter", [({}, agent.sealer.sealed)]
@@ -84,5 +96,17 @@ def render(agent: Agent) -> str:
         "Secondary identities bound to codes, and refused rebindings.",
         "counter",
         [({"what": k}, v) for k, v in sorted(agent.bindings.counters.items())],
+    )
+    lines += metric_lines(
+        "bt_agent_control_refused_total",
+        "POST /confirm requests refused, by reason (host, origin, content_type, secret).",
+        "counter",
+        [({"reason": r}, n) for r, n in sorted(agent.control.refused.items())] if agent.control else [],
+    )
+    lines += metric_lines(
+        "bt_agent_tick_errors_total",
+        "Periodic ticks that failed (logged; the agent goes on).",
+        "counter",
+        [({}, agent.tick_errors)],
     )
     return "\n".join(lines) + "\n"

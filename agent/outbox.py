@@ -4,10 +4,14 @@ SQLite in WAL mode with ``synchronous=FULL``: an event exists once its transacti
 power cut after that cannot lose it. The chain head (last sequence number and envelope hash per key)
 lives in the same database and moves in the same transaction as the event, so a crash can never
 reuse a sequence number or break the hash chain, even after every event has been pruned.
+
+Every failure of the database reaches callers as one ``OutboxError`` naming the path and SQLite's own
+reason: a full disk (``full``), a corrupt file, a folder that cannot be made, a read-only filesystem.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,6 +20,8 @@ from pathlib import Path
 
 from battery_trace.protocol.envelope import envelope_hash
 from battery_trace.protocol.events import ZERO_HASH
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain (
@@ -48,20 +54,50 @@ class Pending:
 Builder = Callable[[int, bytes], tuple[bytes, bytes, str]]
 
 
+class OutboxError(Exception):
+    """The outbox cannot be opened or written. ``full``: because its filesystem has no space left, which
+    freeing space cures; anything else needs a person (a corrupt file, a read-only disk, a bad path)."""
+
+    def __init__(self, path: Path, doing: str, exc: BaseException) -> None:
+        self.full = isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        reason = "disk full" if self.full else (exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        super().__init__(f"outbox {path}: cannot {doing}: {reason}")
+
+
 class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(path, "open it", exc) from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            # Reading every event's row and every chain head once finds a corrupt or truncated file now,
+            # with a clear message, rather than at the first seal or receipt.
+            self._db.execute("SELECT COUNT(*), MIN(sealed_at), SUM(LENGTH(envelope)) FROM outbox").fetchone()
+            self._db.execute("SELECT COUNT(*), MAX(last_seq) FROM chain").fetchone()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise OutboxError(
+                path, "use it (restore it from a backup, or move it aside to start a new one)", exc
+            ) from None
 
     def close(self) -> None:
         self._db.close()
 
     def append(self, kid: bytes, build: Builder) -> int:
-        """Seal one event: take the next sequence number, build, store, move the head; all or nothing."""
+        """Seal one event: take the next sequence number, build, store, move the head; all or nothing.
+        Raises OutboxError when the database refuses the write; the head has then not moved."""
+        try:
+            return self._append(kid, build)
+        except sqlite3.Error as exc:
+            raise OutboxError(self.path, "seal", exc) from None
+
+    def _append(self, kid: bytes, build: Builder) -> int:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -80,9 +116,19 @@ class Outbox:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         return seq
+
+    def _rollback(self) -> None:
+        """Undo what is left of a failed transaction, never hiding why it failed: SQLite has already
+        rolled back by itself after SQLITE_FULL or an I/O error, and a failing ROLLBACK is only logged."""
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("outbox %s: rollback after a failed seal also failed: %s", self.path, exc)
 
     def head(self, kid: bytes) -> int:
         row = self._db.execute("SELECT last_seq FROM chain WHERE kid = ?", (kid,)).fetchone()
@@ -110,7 +156,8 @@ class Outbox:
         when the receipt speaks of another chain under this key than this outbox's — it covers sequence
         numbers this outbox never sealed, or the server's event at the watermark is not this outbox's
         (a restored image, a cloned card): then nothing is deleted. The server's events up to the
-        watermark each link to the one before, so one matching hash vouches for all of them."""
+        watermark each link to the one before, so one matching hash vouches for all of them. A delete the
+        disk refuses prunes nothing: the events stay, are resent, and the next receipt covers them."""
         if watermark > self.head(kid):
             return None
         row = self._db.execute("SELECT envelope FROM outbox WHERE kid = ? AND seq = ?", (kid, watermark)).fetchone()
@@ -118,7 +165,11 @@ class Outbox:
             return 0  # the outbox holds a suffix of each chain: everything up to it has left already
         if envelope_hash(row[0]) != watermark_hash:
             return None
-        cur = self._db.execute("DELETE FROM outbox WHERE kid = ? AND seq <= ?", (kid, watermark))
+        try:
+            cur = self._db.execute("DELETE FROM outbox WHERE kid = ? AND seq <= ?", (kid, watermark))
+        except sqlite3.Error as exc:
+            log.warning("%s; receipted events stay until a later receipt", OutboxError(self.path, "prune", exc))
+            return 0
         return cur.rowcount
 
     def depth(self) -> tuple[int, float | None]:

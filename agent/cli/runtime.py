@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sqlite3
 import sys
@@ -31,25 +32,30 @@ def load(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from battery_trace.agent import app  # the runtime's dependencies are only needed to run
+    from battery_trace.agent.control import SecretError
+    from battery_trace.agent.outbox import OutboxError
 
     try:
         cfg = load(args)
         keys.load_private(cfg.key_path)
-    except (ConfigError, keys.InvalidKey) as exc:
+        asyncio.run(app.run(cfg))
+    except (ConfigError, keys.InvalidKey, OutboxError, SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
-    asyncio.run(app.run(cfg))
     return OK
 
 
-def _endpoint(cfg: Any, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _endpoint(cfg: Any, path: str, body: dict[str, Any] | None = None, secret: str | None = None) -> dict[str, Any]:
     if cfg.control is None:
         raise ConnectionError("the agent's local endpoint is off ([observability] listen = 'off')")
     host, port = cfg.control
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["Authorization"] = f"Bearer {secret}"
     request = urllib.request.Request(
         f"http://{host}:{port}{path}",
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="GET" if body is None else "POST",
     )
     try:
@@ -63,13 +69,22 @@ def _endpoint(cfg: Any, path: str, body: dict[str, Any] | None = None) -> dict[s
 
 
 def _offline_status(cfg: Any) -> dict[str, Any]:
-    """What the outbox on disk says when the agent does not answer."""
+    """What the outbox on disk says when the agent does not answer; OutboxError when it cannot be read."""
+    from battery_trace.agent.outbox import OutboxError
+
     path = cfg.outbox_path
-    if not path.exists():
+    try:
+        path.stat()
+    except FileNotFoundError:
         return {"running": False, "outbox": {"depth": 0, "note": f"no outbox at {path} yet"}}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        depth, oldest = db.execute("SELECT COUNT(*), MIN(sealed_at) FROM outbox").fetchone()
-        head = db.execute("SELECT MAX(last_seq) FROM chain").fetchone()[0] or 0
+    except OSError as exc:  # a folder on the way is a file, or may not be entered
+        raise OutboxError(path, "read it", exc) from None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            depth, oldest = db.execute("SELECT COUNT(*), MIN(sealed_at) FROM outbox").fetchone()
+            head = db.execute("SELECT MAX(last_seq) FROM chain").fetchone()[0] or 0
+    except sqlite3.Error as exc:
+        raise OutboxError(path, "read it (restore it from a backup, or move it aside)", exc) from None
     return {
         "running": False,
         "outbox": {
@@ -86,10 +101,16 @@ def status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
+    from battery_trace.agent.outbox import OutboxError
+
     try:
         report = {"running": True, **_endpoint(cfg, "/status")}
     except ConnectionError as exc:
-        report = {**_offline_status(cfg), "why": str(exc)}
+        try:
+            report = {**_offline_status(cfg), "why": str(exc)}
+        except OutboxError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return USAGE
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return OK if report["running"] else INVALID
@@ -130,14 +151,27 @@ def confirm(args: argparse.Namespace) -> int:
     else:
         print("error: give an ACTION, or --replace-with CODE --vin VIN", file=sys.stderr)
         return USAGE
+    from battery_trace.agent.control import SecretError, read_secret
+
     try:
-        answer = _endpoint(load(args), "/confirm", {"line": line.strip()})
-    except ConfigError as exc:
+        cfg = load(args)
+        secret = read_secret(cfg.control_secret)
+    except (ConfigError, SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE
+    try:
+        answer = _endpoint(cfg, "/confirm", {"line": line.strip()}, secret)
     except (ConnectionError, ValueError) as exc:
         print(f"not sealed: {exc}", file=sys.stderr)
         return INVALID
+    if answer.get("held"):
+        # Taken and kept by the agent: a second confirmation would become a second event.
+        print(
+            f"accepted, NOT SEALED YET: {answer['held']}; it is sealed once the outbox can be written "
+            "(do not confirm it again)",
+            file=sys.stderr,
+        )
+        return OK
     print(f"sealed as seq {answer['sealed']}")
     return OK
 
@@ -169,8 +203,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "confirm",
         help="a technician confirms a service action at a maintenance rig",
         description="Seal a 'maintenance' event for the pack connected to the rig (ACTION), or a 'replaced' "
-        "event when it was replaced in a vehicle by another pack. Exit 0 when sealed, 1 when the agent refused "
-        "(reason on stderr), 2 on usage errors.",
+        "event when it was replaced in a vehicle by another pack. It shows the running agent the install's "
+        "control secret ([observability] secret_file, made by `battery-agent run`). Exit 0 when sealed (or "
+        "accepted and held while the outbox's disk is full: do not repeat it), 1 when the agent refused (reason "
+        "on stderr), 2 on usage or configuration errors.",
         epilog="examples:\n  battery-agent confirm rebalance --note 'cell 12 low' -c rig.toml\n"
         "  battery-agent confirm --replace-with 0RJPEA00HAU0AAG1C3000124 --vin LNBSCB3F5PW123456 -c rig.toml",
         formatter_class=RAW,

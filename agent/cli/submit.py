@@ -49,7 +49,7 @@ async def deliver(cfg: AgentConfig, timeout_s: float) -> bool:
 def emit(args: argparse.Namespace) -> int:
     from battery_trace.agent import config
     from battery_trace.agent import emit as parsing
-    from battery_trace.agent.outbox import Outbox
+    from battery_trace.agent.outbox import Outbox, OutboxError
     from battery_trace.agent.sealer import Refused, Sealer
 
     try:
@@ -78,13 +78,21 @@ def emit(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"nothing sealed: {len(problems)} problem(s) in {len(results)} event(s)", file=sys.stderr)
         return INVALID
-    outbox = Outbox(cfg.outbox_path)
+    try:
+        outbox = Outbox(cfg.outbox_path)
+    except OutboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE
     sealer = Sealer(outbox, key, cfg.device, cfg.role)
     try:
         seqs = [sealer.seal(d) for d in results]  # type: ignore[arg-type]
     except Refused as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return INVALID
+    except OutboxError as exc:
+        done = f"; the first {sealer.sealed} were sealed and stay" if sealer.sealed else "; nothing sealed"
+        print(f"error: {exc}{done}", file=sys.stderr)
+        return USAGE
     finally:
         outbox.close()
     print(f"sealed {len(seqs)} event(s) as seq {seqs[0]}..{seqs[-1]}")

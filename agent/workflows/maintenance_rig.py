@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from battery_trace.agent.battery_view import BatteryView
 from battery_trace.agent.decoders.station import StationCommand
-from battery_trace.agent.sealer import Draft, Refused
+from battery_trace.agent.sealer import Draft, Held, Refused
 from battery_trace.agent.workflows.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ class MaintenanceRig(Gateway):
         self.counters: Counter[str] = Counter()
 
     def command(self, cmd: StationCommand) -> int:
-        """Seal what the technician confirmed; returns the sequence number, raises RigError or Refused."""
+        """Seal what the technician confirmed; returns the sequence number, raises RigError or Refused, or
+        Held when the outbox cannot be written now (the draft is then kept and sealed later)."""
         state = self.view.slots.get(self.slot)
         if state is None or state.code is None:
             raise RigError(f"no pack with a known code on slot {self.slot}: connect it, or scan its label first")
@@ -54,6 +55,9 @@ class MaintenanceRig(Gateway):
             raise RigError(f"{cmd.verb} is not a rig command; valid: CONFIRM, REPLACE")
         try:
             seq = self.seal(draft)
+        except Held:  # the sealer keeps it until the outbox can take it
+            self.counters[f"{draft.type}_held"] += 1
+            raise
         except Refused:
             self.counters["refused"] += 1
             raise

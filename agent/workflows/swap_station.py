@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from battery_trace.agent.battery_view import BatteryView, SlotState
 from battery_trace.agent.decoders.station import StationCommand
-from battery_trace.agent.sealer import Draft, Refused
+from battery_trace.agent.sealer import Draft, Held, Refused
 from battery_trace.agent.workflows.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -124,5 +124,7 @@ class SwapStation(Gateway):
         try:
             self.seal(Draft("swapped", source or "binding", fields, int((swap.done_at or time.time()) * 1000)))
             self.counters["swaps_sealed"] += 1
+        except Held:  # the sealer keeps it until the outbox can take it, and seals it then
+            self.counters["swaps_held"] += 1
         except Refused:
             self.counters["swaps_refused"] += 1
