@@ -97,7 +97,11 @@ class Demo:
             submitter.write(server_hex, broker)
 
     def start(self) -> None:
-        log = open(self.dir / "server" / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        from harness import collectors
+
+        log_path = self.dir / "server" / "server.log"
+        earlier = log_path.read_text().count("subscribed to") if log_path.exists() else 0  # a continued run
+        log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
         import subprocess
 
         self.server = subprocess.Popen(
@@ -105,6 +109,8 @@ class Demo:
             stdout=log,
             stderr=log,
         )
+        # The sites start once the collector listens, so their first events are not published to no one.
+        collectors.wait_subscribed(log_path, after=earlier)
         token_file = self.dir / "server" / "web.token"  # written by `init` in setup
         self.url = f"http://127.0.0.1:{self.web_port}/?token={token_file.read_text().strip()}"
         for site in [*self.stations, self.rig, self.gateway]:
