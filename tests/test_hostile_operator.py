@@ -380,3 +380,17 @@ def test_a_corrupt_record_is_one_line_and_exit_2_for_run_and_every_query(tmp_pat
     ]:
         done = server(*args, "-c", str(config), timeout=20)
         one_line_error(done, str(record))
+
+
+def test_lifting_a_scheduled_revocation_after_a_rotation_leaves_the_old_key_retired(enrolled):
+    """Not two active keys: the rotation ended the old key even though its revocation was only scheduled."""
+    soon = f"{NOW + 86400:.0f}"
+    assert server("devices", "revoke", "station-1", "--at", soon, "-c", str(enrolled)).returncode == 0
+    new = keys.generate().public.hex
+    assert server("devices", "rotate", "station-1", "--key", new, "-c", str(enrolled)).returncode == 0
+    assert server("devices", "unrevoke", "station-1", "-c", str(enrolled)).returncode == 0
+    listed = json.loads(server("devices", "list", "--json", "-c", str(enrolled)).stdout)
+    rows = [
+        (r["public_key"] == new, r["key_state"], r["valid_until"] is None) for r in listed if r["device"] == "station-1"
+    ]
+    assert sorted(rows) == [(False, "retired", False), (True, "active", True)]
