@@ -63,6 +63,7 @@ class Demo:
             "[intake]\nbatch_ms = 20\nsweep_interval_s = 5\n"
             f'[web]\nlisten = "127.0.0.1:{self.web_port}"\ntoken_file = "web.token"\n'
         )
+        cli("battery_trace.server.cli", "init", "-c", str(self.server_toml))  # the key and token, once
         server_hex = cli("battery_trace.server.cli", "pubkey", "-c", str(self.server_toml)).stdout.strip()
         d = self.dir / "sites"
         self.stations = [
@@ -96,7 +97,11 @@ class Demo:
             submitter.write(server_hex, broker)
 
     def start(self) -> None:
-        log = open(self.dir / "server" / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        from harness import collectors
+
+        log_path = self.dir / "server" / "server.log"
+        earlier = log_path.read_text().count("subscribed to") if log_path.exists() else 0  # a continued run
+        log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
         import subprocess
 
         self.server = subprocess.Popen(
@@ -104,11 +109,9 @@ class Demo:
             stdout=log,
             stderr=log,
         )
-        token_file = self.dir / "server" / "web.token"
-        for _ in range(100):
-            if token_file.exists():
-                break
-            time.sleep(0.1)
+        # The sites start once the collector listens, so their first events are not published to no one.
+        collectors.wait_subscribed(log_path, after=earlier)
+        token_file = self.dir / "server" / "web.token"  # written by `init` in setup
         self.url = f"http://127.0.0.1:{self.web_port}/?token={token_file.read_text().strip()}"
         for site in [*self.stations, self.rig, self.gateway]:
             site.start()

@@ -2,13 +2,18 @@
 
 Without a config file the server uses a home folder (``$BT_HOME``, else
 ``$XDG_DATA_HOME/battery-trace``, else ``~/.local/share/battery-trace``) holding the SQLite record and
-the server's signing key, so a first user can enrol a device right after installing.
-See configs/server.toml for a commented example.
+the server's signing key (``battery-server init`` creates it), so a first user can enrol a device
+right after installing. See configs/server.toml for a commented example.
+
+Secrets need not sit in the config file: ``BT_STORE_URL`` (the whole store URL, password included)
+overrides ``[store] url``, ``[store] password_file`` adds a PostgreSQL password from a file, and
+``BT_WEB_TOKEN`` overrides ``[web] token_file``. A store URL is only ever shown redacted.
 """
 
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,22 +23,43 @@ from battery_trace.server.rules import DEFAULT_DEADLINES_DAYS
 from battery_trace.server.store import RuleSettings
 
 from battery_trace import tls
+from battery_trace.bounded_read import UnreadableInput, read_bounded
 from battery_trace.settings import ConfigError, Section, load_toml
+
+STORE_URL_ENV = "BT_STORE_URL"
+TOKEN_ENV = "BT_WEB_TOKEN"
+POSTGRES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
 class WebSettings:
     listen: tuple[str, int] | None  # None: no dashboard, /metrics or /healthz
-    token_path: Path  # the dashboard's access token; created (0600) on first start
+    token_path: Path  # the dashboard's access token (unless $BT_WEB_TOKEN); created by `battery-server init`
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    store_url: str
+    store_url: str  # may hold a password: show ``store_shown``, never this
     key_path: Path
     intake: IntakeSettings
     rules: RuleSettings
     web: WebSettings
+
+    @property
+    def store_shown(self) -> str:
+        return redact(self.store_url)
+
+
+def redact(url: str) -> str:
+    """A store URL fit for a log line or an error message: its password, if any, replaced by ***."""
+    if not url.startswith(POSTGRES):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 def home() -> Path:
@@ -46,7 +72,8 @@ def home() -> Path:
 def defaults() -> ServerConfig:
     base = home()
     web = WebSettings(("127.0.0.1", 8080), base / "web.token")
-    return ServerConfig(f"sqlite:{base / 'record.sqlite'}", base / "server.key", IntakeSettings(), RuleSettings(), web)
+    url = _store_url(os.environ.get(STORE_URL_ENV) or f"sqlite:{base / 'record.sqlite'}", Path.cwd(), STORE_URL_ENV)
+    return ServerConfig(url, base / "server.key", IntakeSettings(), RuleSettings(), web)
 
 
 def load(path: Path | None) -> ServerConfig:
@@ -55,11 +82,14 @@ def load(path: Path | None) -> ServerConfig:
     base = defaults()
     root = Section.root(load_toml(path), str(path), path.parent)
     st = root.section("store")
-    url = st.text("url", base.store_url)
-    if url.startswith("sqlite:") and not url.startswith("sqlite:/"):
-        url = f"sqlite:{(path.parent / url.removeprefix('sqlite:')).resolve()}"  # relative to the config file
-    elif not url.startswith(("sqlite:", "postgresql://", "postgres://")):
-        raise st.error("url", "is not a store URL; valid: sqlite:PATH or postgresql://USER@HOST:PORT/DB")
+    where = f"{path}: [store] url"
+    url = _store_url(st.data.get("url", base.store_url), path.parent, where)
+    st.text("url", base.store_url)  # checked above, with the URL redacted in what it says
+    if os.environ.get(STORE_URL_ENV):
+        url = _store_url(os.environ[STORE_URL_ENV], Path.cwd(), STORE_URL_ENV)
+    password_file = st.path("password_file", None)
+    if password_file is not None:
+        url = _with_password(url, password_file, f"{path}: [store] password_file")
     st.finish()
     srv = root.section("server")
     key_path = srv.path("key", str(base.key_path))
@@ -103,6 +133,42 @@ def load(path: Path | None) -> ServerConfig:
     w.finish()
     root.finish()
     return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path))
+
+
+def _store_url(url: object, base_dir: Path, where: str) -> str:
+    """A checked store URL; a relative SQLite path is taken from ``base_dir`` (the config file's folder)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"{where}: must be non-empty text")
+    if url.startswith("sqlite:"):
+        name = url.removeprefix("sqlite:")
+        return url if name.startswith("/") else f"sqlite:{(base_dir / name).resolve()}"
+    valid = "valid: sqlite:PATH or postgresql://USER@HOST:PORT/DB"
+    if not url.startswith(POSTGRES):
+        raise ConfigError(f"{where} = {redact(url)!r}: is not a store URL; {valid}")
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{where} = {redact(url)!r}: {exc}; {valid}") from None
+    return url
+
+
+def _with_password(url: str, path: Path, where: str) -> str:
+    if not url.startswith(POSTGRES):
+        raise ConfigError(f"{where}: a password is for a PostgreSQL store; the store is {redact(url)}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None:
+        raise ConfigError(f"{where}: the store URL {redact(url)} already holds a password; give it once")
+    try:
+        password = read_bounded(path, 4096).decode("utf-8").strip()
+    except (UnreadableInput, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {path}: {exc}") from None
+    if not password:
+        raise ConfigError(f"{where}: {path} is empty")
+    secret = urllib.parse.quote(password, safe="")
+    user, _, hostinfo = parts.netloc.rpartition("@")
+    if not user:
+        raise ConfigError(f"{where}: the store URL {redact(url)} names no user; e.g. postgresql://battery@HOST/DB")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{secret}@{hostinfo}"))
 
 
 def _listen(s: Section, key: str, default: str) -> tuple[str, int] | None:

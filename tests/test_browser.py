@@ -62,6 +62,7 @@ def running_server(tmp_path, broker):
     port = free_port()
     config = collectors.write_config(tmp_path / "server.toml", store.url, broker, "c1", key_path, web_port=port)
     config.write_text(config.read_text() + f'token_file = "{tmp_path / "web.token"}"\n')
+    (tmp_path / "web.token").write_text("browser-test-token-" + "x" * 32 + "\n")  # what `init` would write
     log = tmp_path / "server.log"
     with open(log, "ab") as out:
         server = subprocess.Popen(

@@ -70,6 +70,7 @@ def test_jbd_reading_becomes_a_stored_event_and_a_receipt_prunes_the_outbox(tmp_
     server_toml.write_text(
         f'[store]\nurl = "sqlite:record.sqlite"\n[mqtt]\nport = {broker.port}\n[intake]\nbatch_ms = 10\n'
     )
+    cli("battery-server", "init", "-c", str(server_toml), env=env)
     server_pub = cli("battery-server", "pubkey", "-c", str(server_toml), env=env).strip()
     device_pub = str(device_key.with_suffix(".pub"))
     cli(

@@ -7,13 +7,14 @@ import logging
 import sys
 
 from battery_trace.protocol import keys
-from battery_trace.server.cli import envelopes, pki, record, registry, run
-from battery_trace.server.cli.common import USAGE, UsageError
+from battery_trace.server.cli import envelopes, first_run, pki, record, registry, run
+from battery_trace.server.cli.common import USAGE, Parser, UsageError, config, corrupt_record
 
 from battery_trace.settings import ConfigError
 
 EXAMPLES = """
 examples:
+  battery-server init                        # once: the server's signing key and dashboard token
   battery-server pubkey                      # the key agents verify receipts with
   battery-server devices enroll station-1 --role swap_operator --key device.pub
   battery-server run -c /etc/battery-server/server.toml
@@ -26,7 +27,7 @@ examples:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="battery-server",
         description="Server of battery-trace: verifies signed lifecycle events, keeps the record, answers for it.",
         epilog=EXAMPLES,
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, registry, record, envelopes, pki):
+    for module in (first_run, run, registry, record, envelopes, pki):
         module.register(sub)
     return p
 
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        if not corrupt_record(exc):
+            raise
+        # Not an outage to wait out: the file itself is damaged, and only a person can restore it.
+        print(
+            f"error: the record {config(args).store_shown} is not a sound SQLite database ({exc}); "
+            "restore it from a backup (docs/operator-guide.md, Back up and restore)",
+            file=sys.stderr,
+        )
+        return USAGE
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
+import sqlite3
 import string
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from battery_trace.server import inputs
 
 from battery_trace.bounded_read import UnreadableInput, read_bounded
 
@@ -17,6 +21,21 @@ MAX_INPUT = 16 * 1024 * 1024
 
 class UsageError(Exception):
     pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that names the flag and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# SQLite's answers for a file that is not a database, or one whose pages do not hold together.
+_CORRUPT = {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26)}
+
+
+def corrupt_record(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorcode", None) in _CORRUPT
 
 
 def read_input(name: str) -> bytes:
@@ -33,27 +52,35 @@ def read_input(name: str) -> bytes:
     return data
 
 
-def parse_time(text: str) -> float:
-    """ISO 8601 (a date, or a date and time; UTC unless it says otherwise) or Unix seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time; valid: 2026-01-31, 2026-01-31T08:00:00Z or Unix seconds"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
+def time_arg(ahead_s: float | None = None) -> Callable[[str], float]:
+    """An argparse type for a time (``inputs.time_s``); with ``ahead_s``, at most that far after now."""
+
+    def convert(text: str) -> float:
+        latest = inputs.LATEST if ahead_s is None else time.time() + ahead_s
+        try:
+            return inputs.time_s(text, latest=latest)
+        except inputs.InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def whole_arg(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a whole number in [low, high]."""
+
+    def convert(text: str) -> int:
+        try:
+            return inputs.whole(text, low, high)
+        except inputs.InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def iso(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return inputs.iso(seconds).replace("T", " ").removesuffix("Z")
 
 
 def iso_ms(ms: int | None) -> str:

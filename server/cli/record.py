@@ -22,8 +22,9 @@ from battery_trace.server.cli.common import (
     iso,
     iso_ms,
     open_store,
-    parse_time,
     print_json,
+    time_arg,
+    whole_arg,
 )
 
 
@@ -263,6 +264,9 @@ def audit(args: argparse.Namespace) -> int:
     return OK if intact else INVALID
 
 
+TIME_HELP = "ISO 8601 with a zone (2026-11-01T08:00:00Z), a date (UTC) or Unix seconds, 2000-01-01..2100-01-01"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     t = sub.add_parser(
@@ -307,8 +311,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     from battery_trace.server.verify import REASONS
 
     r.add_argument("--reason", choices=REASONS)
-    r.add_argument("--since", type=parse_time, help="ISO 8601 or Unix seconds")
-    r.add_argument("--limit", type=int, default=100, help="at most this many (default: %(default)s)")
+    r.add_argument("--since", type=time_arg(), help=TIME_HELP)
+    r.add_argument(
+        "--limit", type=whole_arg(1, 100_000), default=100, help="at most this many, 1..100000 (default: %(default)s)"
+    )
     r.add_argument("--raw", action="store_true", help="include the raw bytes (hex)")
     e = sub.add_parser(
         "export",
@@ -318,8 +324,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  battery-server export --since 2026-11-01 --until 2026-11-02 --format csv --out day.csv",
         formatter_class=raw,
     )
-    e.add_argument("--since", type=parse_time, required=True)
-    e.add_argument("--until", type=parse_time, required=True)
+    e.add_argument("--since", type=time_arg(), required=True, help=TIME_HELP)
+    e.add_argument("--until", type=time_arg(), required=True, help=TIME_HELP)
     e.add_argument("--by", choices=("received", "time"), default="received")
     e.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     e.add_argument("--out", help="file to write (default: stdout)")

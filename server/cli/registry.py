@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from battery_trace.protocol import keys
@@ -23,27 +21,19 @@ from battery_trace.server.cli.common import (
     config,
     iso,
     open_store,
-    parse_time,
+    time_arg,
 )
+from battery_trace.server.cli.first_run import server_key
 from battery_trace.server.records import KeyRecord
 
 if TYPE_CHECKING:
     from battery_trace.server.store import Store
 
-log = logging.getLogger("battery-server")
-
-
-def server_key(path: Path) -> keys.PrivateKey:
-    """The server's signing key; created (OS RNG, mode 0600) the first time it is needed."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keys.save_private(keys.generate(), path)
-        log.warning("created the server's signing key at %s", path)
-    return keys.load_private(path)
+REVOKE_AHEAD_S = 366 * 86400  # a revocation scheduled further ahead than a year is a slip, not a plan
 
 
 def pubkey(args: argparse.Namespace) -> int:
-    public = server_key(config(args).key_path).public
+    public = server_key(config(args).key_path, args).public
     if args.json:
         print(json.dumps({"public_key": public.hex, "kid": public.kid.hex(), "pem": public.pem()}))
     else:
@@ -117,11 +107,42 @@ def revoke(args: argparse.Namespace) -> int:
 
     def action(store: Store) -> dict[str, Any]:
         revoked, flagged = store.revoke(args.target, at)
-        lines = [f"revoked key {r.kid.hex()} of {r.device} from {iso(at)} UTC" for r in revoked]
+        lines = [
+            f"revoked key {r.key.kid.hex()} of {r.key.device} from {iso(at)} UTC"
+            + ("" if r.previous is None else f" (moved from {iso(r.previous)} UTC)")
+            for r in revoked
+        ]
         if flagged:
             lines.append(f"{flagged} stored events arrived after that time and are now flagged (revoked_key)")
         return {
-            "json": {"revoked": [_key_json(r) for r in revoked], "flagged_events": flagged},
+            "json": {
+                "revoked": [{**_key_json(r.key), "previous_revoked_at": r.previous} for r in revoked],
+                "flagged_events": flagged,
+            },
+            "text": "\n".join(lines),
+        }
+
+    return _registry_call(args, action)
+
+
+def unrevoke(args: argparse.Namespace) -> int:
+    def action(store: Store) -> dict[str, Any]:
+        lifted = store.unrevoke(args.target, time.time(), args.in_effect)
+        lines = []
+        for x in lifted:
+            lines.append(f"lifted the revocation of key {x.key.kid.hex()} of {x.key.device} ({iso(x.revoked_at)} UTC)")
+            if x.refused or x.flagged:
+                lines.append(
+                    f"  it was in effect: {x.refused} message(s) refused under it stay in quarantine (the device "
+                    f"resends what it still holds), {x.flagged} revoked_key finding(s) stay open for review"
+                )
+        return {
+            "json": {
+                "lifted": [
+                    {**_key_json(x.key), "lifted_revoked_at": x.revoked_at, "refused": x.refused, "flagged": x.flagged}
+                    for x in lifted
+                ]
+            },
             "text": "\n".join(lines),
         }
 
@@ -151,7 +172,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser(
         "pubkey",
         help="print the server's public key (agents verify receipts with it)",
-        description="Print the server's receipt-signing public key; the key is created on first use.",
+        description="Print the server's receipt-signing public key. The key is created once by "
+        "`battery-server init`; without it this refuses (exit 2) rather than make a new one.",
         epilog="example:\n  battery-server pubkey > server.pub.hex",
         formatter_class=raw,
     )
@@ -195,16 +217,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "revoke",
         help="stop trusting a device's keys, or one key",
         description="Revoke every key of DEVICE, or the key KEYID (hex). From --at on (default: now) nothing the "
-        "key signs is accepted; with --at in the past, events already stored since then are flagged.",
+        "key signs is accepted; with --at in the past, events already stored since then are flagged. On a key "
+        "already revoked later than --at, the revocation is moved earlier (a wrong time is corrected this way); "
+        "to move one later, lift it first with `devices unrevoke`. Exit 1 when there is nothing to change.",
         epilog="examples:\n  battery-server devices revoke station-1\n"
-        "  battery-server devices revoke 9d4341339860df0eacf8dd80f91a4476 --at 2026-11-01T00:00:00Z",
+        "  battery-server devices revoke 9d4341339860df0eacf8dd80f91a4476 --at 2026-11-01T00:00:00Z\n"
+        "  battery-server devices revoke station-1 --at 1793491200     # Unix seconds, not milliseconds",
         formatter_class=raw,
     )
     v.add_argument("target", metavar="DEVICE|KEYID")
-    v.add_argument("--at", type=parse_time, help="effective time (ISO 8601 or Unix seconds; default: now)")
+    v.add_argument(
+        "--at",
+        type=time_arg(ahead_s=REVOKE_AHEAD_S),
+        help="effective time: ISO 8601 with a zone (2026-11-01T08:00:00+08:00), a date (UTC) or Unix seconds "
+        "(not milliseconds); from 2000-01-01 to a year from now (default: now)",
+    )
     add_config(v)
     add_json(v)
     v.set_defaults(func=revoke)
+
+    u = dsub.add_parser(
+        "unrevoke",
+        help="lift a wrong revocation of a device's keys, or of one key",
+        description="Lift the revocation of every revoked key of DEVICE, or of the key KEYID: the key is active "
+        "again (retired, if the device was given a new key meanwhile). A revocation not yet in effect is simply "
+        "lifted. One already in effect (messages refused under it, stored events flagged) is lifted only with "
+        "--in-effect, and the command says what stays: refused messages stay in quarantine, findings stay open. "
+        "Exit 1 when refused or when nothing is revoked.",
+        epilog="examples:\n  battery-server devices unrevoke station-1      # a revocation scheduled by mistake\n"
+        "  battery-server devices unrevoke station-1 --in-effect   # the wrong device was revoked just now",
+        formatter_class=raw,
+    )
+    u.add_argument("target", metavar="DEVICE|KEYID")
+    u.add_argument("--in-effect", action="store_true", help="also lift a revocation that has already taken effect")
+    add_config(u)
+    add_json(u)
+    u.set_defaults(func=unrevoke)
 
     lst = dsub.add_parser("list", help="list enrolled devices, their keys and chains")
     add_config(lst)

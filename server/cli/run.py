@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import secrets
 import signal
 import threading
-from pathlib import Path
 
 from battery_trace.server.cli.common import INVALID, OK, add_config, config
-from battery_trace.server.cli.registry import server_key
+from battery_trace.server.cli.first_run import server_key, web_token
 
 log = logging.getLogger("battery-server")
-
-
-def web_token(path: Path) -> str:
-    """The dashboard's access token; created from the OS RNG (mode 0600) the first time."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24) + "\n")
-        log.warning("created the dashboard's access token at %s", path)
-    return path.read_text().strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from battery_trace.server.web.status_listener import StatusListener
 
     cfg = config(args)
-    key = server_key(cfg.key_path)
+    key = server_key(cfg.key_path, args)
+    token, token_from = web_token(cfg, args) if cfg.web.listen else ("", "")  # refused before anything starts
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -51,12 +38,11 @@ def run(args: argparse.Namespace) -> int:
                 return OK
             backoff = min(backoff * 2, 10.0)
     collector = Collector(cfg.intake, store, key)
-    log.info("server key %s; store %s; broker %s:%s", key.public.hex, cfg.store_url, cfg.intake.host, cfg.intake.port)
+    log.info("server key %s; store %s; broker %s:%s", key.public.hex, cfg.store_shown, cfg.intake.host, cfg.intake.port)
     collector.start()
     web = listener = web_thread = None
     if cfg.web.listen:
         host, port = cfg.web.listen
-        token = web_token(cfg.web.token_path)
 
         def healthy() -> tuple[bool, str]:
             problems = [] if collector.connected.is_set() else ["not subscribed at the broker"]
@@ -72,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.intake.host, cfg.intake.port, f"{cfg.intake.client_id}-status", store, cfg.intake.tls
         )
         listener.start()
-        log.info("dashboard: http://%s:%d/?token=%s", host, port, token)
+        log.info("dashboard: http://%s:%d/?token=TOKEN, TOKEN from %s", host, port, token_from)
     try:
         collector.run(stop)
     finally:
@@ -93,9 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the collector and the dashboard",
         description="Subscribe to every device's events (shared subscription), verify, store in batches, "
         "acknowledge after commit and send signed receipts; serve the dashboard, its JSON API, /metrics and "
-        "/healthz ([web] listen). Prints the dashboard's address with its token. Stops cleanly on SIGTERM "
-        "(exit 0); exits 1 after an internal failure, for the service manager to restart it (what was not "
-        "acknowledged is delivered again).",
+        "/healthz ([web] listen). Needs the server key and the dashboard token that `battery-server init` "
+        "creates (or $BT_WEB_TOKEN); refuses to start without them, or with a token under 32 characters. "
+        "Stops cleanly on SIGTERM (exit 0); exits 1 after an internal failure, for the service manager to "
+        "restart it (what was not acknowledged is delivered again).",
         epilog="example:\n  battery-server run -c configs/server.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -44,12 +44,18 @@ class Store:
         with self.db.transaction() as tx:
             return registry.rotate(tx, device, public, at)
 
-    def revoke(self, target: str, at: float) -> tuple[list[KeyRecord], int]:
-        """Revoke; returns the keys and how many stored events arrived after ``at`` (now flagged)."""
+    def revoke(self, target: str, at: float) -> tuple[list[registry.Revocation], int]:
+        """Revoke (or move a revocation earlier); returns what changed and how many stored events arrived
+        after ``at`` (now flagged)."""
         with self.db.transaction() as tx:
             revoked = registry.revoke(tx, target, at)
-            flagged = record.flag_after_revocation(tx, [k.kid for k in revoked], at, time.time())
+            flagged = record.flag_after_revocation(tx, [r.key.kid for r in revoked], at, time.time())
         return revoked, flagged
+
+    def unrevoke(self, target: str, now: float, in_effect: bool = False) -> list[registry.Lifted]:
+        """Lift a revocation; one already in effect only with ``in_effect`` (see registry.unrevoke)."""
+        with self.db.transaction() as tx:
+            return registry.unrevoke(tx, target, now, in_effect)
 
     def key(self, kid: bytes) -> KeyRecord | None:
         with self.db.reading() as tx:

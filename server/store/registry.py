@@ -5,14 +5,21 @@ and retires the old one from that moment: events the old key sealed before the r
 accepted when they arrive later (a station may have been offline), later ones are not. Revoking is
 for a key that can no longer be trusted: nothing it signs is accepted from the revocation time on,
 and when that time lies in the past, what was already stored since then is flagged.
+
+A wrong revocation can be corrected. Moving it earlier is always allowed (it only trusts less).
+Moving it later means lifting it first (``unrevoke``), and a revocation already in effect (messages
+may have been refused under it, stored events flagged) is lifted only when the operator says so
+explicitly, and is told what it had done: an effective revocation is never undone silently.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from battery_trace.protocol.keys import PublicKey
+from battery_trace.server.inputs import iso
 from battery_trace.server.records import KeyRecord
 from battery_trace.server.store.db import StoreError, Tx
 
@@ -58,7 +65,10 @@ def rotate(tx: Tx, device: str, public: PublicKey, at: float) -> KeyRecord:
     if tx.value(f"SELECT role FROM devices WHERE device = ?{tx.dialect.for_update}", (device,)) is None:
         raise StoreError(f"{device} is not enrolled; enrol it first: battery-server devices enroll")
     _check_new_key(tx, public)
-    tx.execute("UPDATE keys SET state = 'retired', valid_until = ? WHERE device = ? AND state = 'active'", (at, device))
+    # Every earlier key ends now, including one whose revocation is scheduled but not yet in effect:
+    # lifting that revocation later must leave a retired key, not a second active one.
+    tx.execute("UPDATE keys SET valid_until = ? WHERE device = ? AND valid_until IS NULL", (at, device))
+    tx.execute("UPDATE keys SET state = 'retired' WHERE device = ? AND state = 'active'", (device,))
     tx.execute(
         "INSERT INTO keys (kid, device, public_key, state, valid_from) VALUES (?, ?, ?, 'active', ?)",
         (public.kid, device, public.raw, at),
@@ -66,21 +76,91 @@ def rotate(tx: Tx, device: str, public: PublicKey, at: float) -> KeyRecord:
     return key(tx, public.kid)  # type: ignore[return-value]
 
 
-def revoke(tx: Tx, target: str, at: float) -> list[KeyRecord]:
-    """Revoke a device's keys (``target`` is a device id) or one key (a key id in hex)."""
-    rows = tx.all("SELECT kid FROM keys WHERE device = ? AND state <> 'revoked'", (target,))
-    if not rows:
-        try:
-            kid = bytes.fromhex(target)
-        except ValueError:
-            kid = b""
-        rows = tx.all("SELECT kid FROM keys WHERE kid = ? AND state <> 'revoked'", (kid,))
-    if not rows:
-        raise StoreError(f"{target!r} is neither an enrolled device with unrevoked keys nor an unrevoked key id")
-    kids = [r[0] for r in rows]
-    for kid in kids:
-        tx.execute("UPDATE keys SET state = 'revoked', revoked_at = ? WHERE kid = ?", (at, kid))
-    return [key(tx, kid) for kid in kids]  # type: ignore[misc]
+@dataclass(frozen=True)
+class Revocation:
+    key: KeyRecord  # as it is now
+    previous: float | None  # the revocation time this one replaced (None: the key was not revoked)
+
+
+def _targets(tx: Tx, target: str) -> list[KeyRecord]:
+    """The keys of a device, or the one key a key id (hex) names, locked for the change."""
+    for column, value in (("device", target), ("kid", _kid(target))):
+        rows = tx.all(
+            f"SELECT {_KEY_COLUMNS} FROM keys k JOIN devices d ON d.device = k.device WHERE k.{column} = ? "
+            f"ORDER BY k.valid_from{tx.dialect.for_update}",
+            (value,),
+        )
+        if rows:
+            return [_record(r) for r in rows]
+    raise StoreError(f"{target!r} is neither an enrolled device nor an enrolled key id")
+
+
+def _kid(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return b""
+
+
+def revoke(tx: Tx, target: str, at: float) -> list[Revocation]:
+    """Revoke a device's keys (``target`` is a device id) or one key (a key id in hex) from ``at`` on;
+    a key already revoked later than ``at`` has its revocation moved earlier."""
+    changed = []
+    for k in _targets(tx, target):
+        if k.revoked_at is None or at < k.revoked_at:
+            tx.execute("UPDATE keys SET state = 'revoked', revoked_at = ? WHERE kid = ?", (at, k.kid))
+            changed.append(Revocation(key(tx, k.kid), k.revoked_at))  # type: ignore[arg-type]
+    if not changed:
+        since = min(k.revoked_at for k in _targets(tx, target))  # type: ignore[type-var]
+        raise StoreError(
+            f"{target} is already revoked from {iso(since)}, which is not later than {iso(at)}; to move a "
+            f"revocation later, lift it first: battery-server devices unrevoke {target}"
+        )
+    return changed
+
+
+@dataclass(frozen=True)
+class Lifted:
+    key: KeyRecord  # as it is now
+    revoked_at: float  # the revocation that was lifted
+    refused: int  # messages quarantined under it (key_revoked)
+    flagged: int  # stored events flagged because of it (revoked_key findings, left open for review)
+
+
+def unrevoke(tx: Tx, target: str, now: float, in_effect: bool) -> list[Lifted]:
+    """Lift the revocation of a device's keys or of one key. One already in effect at ``now`` is lifted
+    only with ``in_effect``; without it nothing changes and the error says what the revocation did."""
+    revoked = [k for k in _targets(tx, target) if k.revoked_at is not None]
+    if not revoked:
+        raise StoreError(f"{target} is not revoked; nothing to lift")
+    lifted = [Lifted(k, k.revoked_at, *_effects(tx, k)) for k in revoked]  # type: ignore[arg-type]
+    effective = [x for x in lifted if x.revoked_at <= now]
+    if effective and not in_effect:
+        raise StoreError(
+            "; ".join(
+                f"key {x.key.kid.hex()} of {x.key.device} is revoked since {iso(x.revoked_at)}, in "
+                f"effect: {x.refused} message(s) refused under it, {x.flagged} stored event(s) flagged"
+                for x in effective
+            )
+            + "; lifting it lets that key's signatures in again: add --in-effect to lift it anyway"
+        )
+    for x in lifted:
+        state = "active" if x.key.valid_until is None else "retired"
+        tx.execute("UPDATE keys SET state = ?, revoked_at = NULL WHERE kid = ?", (state, x.key.kid))
+    return [Lifted(key(tx, x.key.kid), x.revoked_at, x.refused, x.flagged) for x in lifted]  # type: ignore[arg-type]
+
+
+def _effects(tx: Tx, k: KeyRecord) -> tuple[int, int]:
+    """What a revocation has done so far: messages refused under it, stored events flagged by it."""
+    # The quarantine keeps no key id column; the verifier's detail for key_revoked starts with it.
+    refused = tx.value(
+        "SELECT COUNT(*) FROM quarantine WHERE reason = 'key_revoked' AND received_at >= ? AND detail LIKE ?",
+        (k.revoked_at, f"key {k.kid.hex()} %"),
+    )
+    flagged = tx.value(
+        "SELECT COUNT(*) FROM findings WHERE kind = 'revoked_key' AND ref_kid = ? AND resolved_at IS NULL", (k.kid,)
+    )
+    return int(refused), int(flagged)
 
 
 def key(tx: Tx, kid: bytes) -> KeyRecord | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from battery_trace.protocol.battery_code import normalise
-from battery_trace.server import metrics
+from battery_trace.server import inputs, metrics
 from battery_trace.server.rules import FINDING_KINDS
 from battery_trace.server.store import Store, StoreUnavailable
 from battery_trace.server.verify import REASONS
@@ -61,12 +61,51 @@ class TokenAuth(BaseHTTPMiddleware):
         )
 
 
-def _number(request: Request, name: str, default: float, low: float, high: float) -> float:
-    try:
-        value = float(request.query_params.get(name, default))
-    except ValueError:
+class BadParameter(Exception):
+    """A query parameter that is not valid: answered 400 with its name, never a 500 or a silent default."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"parameter {name}: {problem}")
+        self.name = name
+
+
+def _known(request: Request, *names: str) -> None:
+    """A misspelt filter (``knd=``) must not quietly answer as if there were none."""
+    for name in request.query_params:
+        if name not in names and name != "token":  # the token may ride along; TokenAuth has dealt with it
+            raise BadParameter(name, f"is not a parameter of {request.url.path}; valid: {', '.join(names) or 'none'}")
+
+
+def _number(request: Request, name: str, default: float, low: float, high: float, whole: bool = False) -> float:
+    text = request.query_params.get(name)
+    if text is None:
         return default
-    return min(max(value, low), high)
+    try:
+        return inputs.number(text, low, high, whole)
+    except inputs.InputError as exc:
+        raise BadParameter(name, str(exc)) from None
+
+
+def _choice(request: Request, name: str, choices: tuple[str, ...]) -> str | None:
+    value = request.query_params.get(name) or None
+    if value is not None and value not in choices:
+        raise BadParameter(name, f"{value!r} is not valid; valid: {', '.join(choices)}")
+    return value
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "")
+    if value not in FLAGS:
+        raise BadParameter(name, f"{value!r} is not valid; valid: {', '.join(repr(f) for f in FLAGS)}")
+    return FLAGS[value]
+
+
+FLAGS = {"": False, "0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
+
+
+async def _bad_parameter(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadParameter)
+    return JSONResponse({"error": str(exc), "parameter": exc.name}, status_code=400)
 
 
 def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]) -> Starlette:
@@ -96,37 +135,40 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def overview(request: Request) -> Response:
+        _known(request, "window_s", "bucket_s")
         window = _number(request, "window_s", 1800, 60, 86400)
         bucket = _number(request, "bucket_s", 10, 1, 3600)
         return json_or(await read(store.overview, time.time(), window, bucket), "")
 
     async def devices(request: Request) -> Response:
+        _known(request)
         return json_or(await read(store.devices_overview), "")
 
     async def device(request: Request) -> Response:
+        _known(request)
         name = request.path_params["device"]
         return json_or(await read(store.device, name), f"{name} is not enrolled")
 
     async def battery(request: Request) -> Response:
+        _known(request)
         code = normalise(request.path_params["code"])
         return json_or(await read(store.trace, code), f"no event in the record names battery {code}")
 
     async def vehicle(request: Request) -> Response:
+        _known(request)
         vin = request.path_params["vin"].strip().upper()
         return json_or(await read(store.vehicle, vin), f"no event in the record names vehicle {vin}")
 
     async def findings(request: Request) -> Response:
-        kind = request.query_params.get("kind") or None
-        if kind is not None and kind not in FINDING_KINDS:
-            return JSONResponse({"error": f"kind {kind!r}; valid: {', '.join(FINDING_KINDS)}"}, status_code=400)
-        open_only = request.query_params.get("open", "") in ("1", "true", "yes")
+        _known(request, "open", "kind")
+        kind = _choice(request, "kind", FINDING_KINDS)
+        open_only = _flag(request, "open")
         return json_or(await read(store.findings, open_only, kind), "")
 
     async def rejects(request: Request) -> Response:
-        reason = request.query_params.get("reason") or None
-        if reason is not None and reason not in REASONS:
-            return JSONResponse({"error": f"reason {reason!r}; valid: {', '.join(REASONS)}"}, status_code=400)
-        limit = int(_number(request, "limit", 100, 1, 1000))
+        _known(request, "reason", "limit")
+        reason = _choice(request, "reason", REASONS)
+        limit = int(_number(request, "limit", 100, 1, 1000, whole=True))
         rows = await read(store.rejects, reason, None, limit)
         if isinstance(rows, list):
             for row in rows:
@@ -146,7 +188,7 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         Route("/api/rejects", rejects),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, exception_handlers={BadParameter: _bad_parameter})
     app.add_middleware(TokenAuth, token=token)
     return app
 
