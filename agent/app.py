@@ -114,9 +114,14 @@ class Agent:
             return {"sealed": None, "held": str(exc)}
         return {"sealed": seq}
 
+    def alarms(self) -> list[str]:
+        """What an operator must act on: the outbox's (budget, full disk) and the uplink's (a receipt
+        that told of another chain under this device's key)."""
+        return [alarm for alarm in (self.sealer.alarm, self.uplink.alarm) if alarm]
+
     def status_summary(self) -> dict[str, Any]:
         return {
-            "alarm": self.sealer.alarm,
+            "alarm": "; ".join(self.alarms()) or None,
             "held": len(self.sealer.held),
             "sources_down": sum(not s.connected for s in self.sources),
         }
@@ -135,7 +140,7 @@ class Agent:
                 "alarm": self.sealer.alarm,
                 "held": len(self.sealer.held),
             },
-            "uplink": {"connected": self.uplink.connected, **self.uplink.counters},
+            "uplink": {"connected": self.uplink.connected, "alarm": self.uplink.alarm, **self.uplink.counters},
             "sealer": {"sealed": self.sealer.sealed, "refused": dict(self.sealer.refused)},
             "slots": {str(n): s.snapshot() for n, s in sorted(self.view.slots.items())},
             "sources": [
@@ -161,8 +166,7 @@ class Agent:
         down = [s.name for s in self.sources if not s.connected]
         if down:
             problems.append(f"sources down: {', '.join(down)}")
-        if self.sealer.alarm:
-            problems.append(self.sealer.alarm)
+        problems.extend(self.alarms())
         return (not problems, "; ".join(problems) or "ok")
 
     async def _tick(self) -> None:

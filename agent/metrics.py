@@ -33,6 +33,12 @@ def render(agent: Agent) -> str:
         [({}, 1 if agent.sealer.alarm else 0)],
     )
     lines += metric_lines(
+        "bt_agent_receipt_alarm",
+        "1 when a receipt told of another chain under this device's key (a restored or cloned outbox).",
+        "gauge",
+        [({}, 1 if agent.uplink.alarm else 0)],
+    )
+    lines += metric_lines(
         "bt_agent_outbox_held",
         "Lifecycle events held in memory because the outbox cannot be written; sealed when it can.",
         "gauge",

@@ -99,10 +99,26 @@ class RecordServer:
         self.key_path = workdir / "server.key"
         keys.save_private(keys.generate(), self.key_path)
         self.public = keys.load_private(self.key_path).public
-        config = collectors.write_config(workdir / "collector.toml", self.url, broker, "collector-1", self.key_path)
+        self.config = collectors.write_config(
+            workdir / "collector.toml", self.url, broker, "collector-1", self.key_path
+        )
         self.log = workdir / "collector.log"
-        self.process = collectors.start(config, self.log)
-        collectors.wait_subscribed(self.log)
+        self.start_collector()
+
+    def start_collector(self) -> None:
+        """Start the collector process (again, after stop_collector: same config, log and record)."""
+        from harness import collectors
+
+        confirmed = self.log.read_text().count("subscribed to") if self.log.exists() else 0
+        self.process = collectors.start(self.config, self.log)
+        collectors.wait_subscribed(self.log, after=confirmed)
+
+    def stop_collector(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=20)
 
     def device(self, name: str, role: str) -> Path:
         """Enrol a new device; returns the path of its private key."""
@@ -122,11 +138,7 @@ class RecordServer:
         return [e for e in out if event_type is None or e.type == event_type]
 
     def stop(self) -> None:
-        import signal
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=20)
+        self.stop_collector()
         self.store.close()
 
 
@@ -136,3 +148,49 @@ def record_server(tmp_path: Path, broker: Broker) -> Iterator[RecordServer]:
     server = RecordServer(tmp_path / "server", broker)
     yield server
     server.stop()
+
+
+GATEWAY_CODE = "0RJPEA00HAU0AAG1C3000123"
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, record_server: RecordServer) -> Iterator[dict]:
+    """A gateway agent polling a JBD BMS on a pty, sealing a health snapshot every 0.2 s."""
+    from battery_trace.firmware_stubs.jbd_bms import JbdBms, PackState
+    from battery_trace.firmware_stubs.pty_link import PtyLink
+
+    from harness import agents
+
+    key = record_server.device("gw-1", "gateway")
+    link = PtyLink(tmp_path / "bms")
+    bms = JbdBms(link, PackState())
+    bms.start()
+    body = (
+        f'[[slots]]\nslot = 1\ncode = "{GATEWAY_CODE}"\n[slots.serial]\nport = "{link.path}"\nprotocol = "jbd"\n'
+        "poll_interval_s = 0.1\ntimeout_s = 0.3\n"
+    )
+    config, port = agents.write_config(
+        tmp_path / "gw.toml",
+        "gw-1",
+        key,
+        record_server.public.hex,
+        record_server.broker,
+        "gateway",
+        body,
+        role="gateway",
+        health_interval_s=0.2,
+        resend_after_s=1.0,
+    )
+    handle = {
+        "config": config,
+        "port": port,
+        "link": link,
+        "outbox": tmp_path / "gw-1-outbox.sqlite",
+        "log": tmp_path / "agent.log",
+        "key": key,
+    }
+    handle["process"] = agents.start(config, handle["log"])
+    yield handle
+    agents.stop(handle["process"])
+    bms.stop()
+    link.close()

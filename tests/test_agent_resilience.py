@@ -34,44 +34,6 @@ def stored(server) -> list[int]:
     return sorted(e.seq for e in server.events())
 
 
-@pytest.fixture
-def gateway(tmp_path, record_server):
-    """A gateway agent polling a JBD BMS on a pty, sealing a health snapshot every 0.2 s."""
-    key = record_server.device("gw-1", "gateway")
-    link = PtyLink(tmp_path / "bms")
-    bms = JbdBms(link, PackState())
-    bms.start()
-    body = (
-        f'[[slots]]\nslot = 1\ncode = "{CODE}"\n[slots.serial]\nport = "{link.path}"\nprotocol = "jbd"\n'
-        "poll_interval_s = 0.1\ntimeout_s = 0.3\n"
-    )
-    config, port = agents.write_config(
-        tmp_path / "gw.toml",
-        "gw-1",
-        key,
-        record_server.public.hex,
-        record_server.broker,
-        "gateway",
-        body,
-        role="gateway",
-        health_interval_s=0.2,
-        resend_after_s=1.0,
-    )
-    handle = {
-        "config": config,
-        "port": port,
-        "link": link,
-        "outbox": tmp_path / "gw-1-outbox.sqlite",
-        "log": tmp_path / "agent.log",
-        "key": key,
-    }
-    handle["process"] = agents.start(config, handle["log"])
-    yield handle
-    agents.stop(handle["process"])
-    bms.stop()
-    link.close()
-
-
 def assert_complete_and_intact(server, key_path: Path, sealed: int) -> None:
     seqs = stored(server)
     assert seqs == list(range(1, sealed + 1)), f"stored {len(seqs)} of {sealed}; missing or doubled"
