@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from battery_trace.protocol.events import EVENT_TYPES
 from battery_trace.server.intake import IntakeSettings
 from battery_trace.server.rules import DEFAULT_DEADLINES_DAYS
-from battery_trace.server.store import RuleSettings
+from battery_trace.server.store import QuarantineLimits, RuleSettings
 
 from battery_trace import tls
 from battery_trace.bounded_read import UnreadableInput, read_bounded
@@ -44,6 +44,7 @@ class ServerConfig:
     intake: IntakeSettings
     rules: RuleSettings
     web: WebSettings
+    quarantine: QuarantineLimits = field(default_factory=QuarantineLimits)
 
     @property
     def store_shown(self) -> str:
@@ -131,8 +132,15 @@ def load(path: Path | None) -> ServerConfig:
     listen = _listen(w, "listen", "127.0.0.1:8080")
     token_path = w.path("token_file", str(key_path.parent / "web.token"))
     w.finish()
+    q = root.section("quarantine")
+    dq = QuarantineLimits()
+    limits = QuarantineLimits(
+        max_age_days=q.number("max_age_days", dq.max_age_days, low=1.0, high=36500),
+        max_bytes=q.integer("max_megabytes", dq.max_bytes >> 20, low=1, high=1 << 24) << 20,
+    )
+    q.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path))
+    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path), limits)
 
 
 def _store_url(url: object, base_dir: Path, where: str) -> str:

@@ -321,7 +321,9 @@ class Collector:
 
     def _sweep(self) -> None:
         try:
-            self.store.sweep(time.time())
+            swept = self.store.sweep(time.time())
             self._last_sweep = time.monotonic()
+            for reason, n in swept.dropped.items():
+                metrics.QUARANTINE_DROPPED.labels(reason).inc(n)
         except StoreUnavailable as exc:
             log.warning("sweep postponed: %s", exc)

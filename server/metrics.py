@@ -18,6 +18,12 @@ MESSAGES = Counter(
     registry=REGISTRY,
 )
 REJECTED = Counter("bt_server_rejected", "Messages quarantined, by reason.", ["reason"], registry=REGISTRY)
+QUARANTINE_DROPPED = Counter(
+    "bt_server_quarantine_dropped",
+    "Quarantined messages the retention limits (age, size) dropped, by reason; the record counts them too.",
+    ["reason"],
+    registry=REGISTRY,
+)
 BATCH = Histogram(
     "bt_server_batch_size",
     "Messages per committed batch.",

@@ -101,7 +101,7 @@ def open_store(args: argparse.Namespace) -> Any:
     from battery_trace.server.store import Store
 
     cfg = config(args)
-    return Store(cfg.store_url, cfg.rules)
+    return Store(cfg.store_url, cfg.rules, cfg.quarantine)
 
 
 def add_config(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     backoff = 0.5
     while True:  # a store that is down at start-up is waited for, like one that goes down later
         try:
-            store = Store(cfg.store_url, cfg.rules)
+            store = Store(cfg.store_url, cfg.rules, cfg.quarantine)
             break
         except StoreUnavailable as exc:
             log.error("%s; retrying in %.1f s", exc, backoff)

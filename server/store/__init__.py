@@ -9,22 +9,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from battery_trace.protocol.keys import PublicKey
 from battery_trace.server.records import Accepted, KeyRecord, Rejected
-from battery_trace.server.store import queries, record, registry
+from battery_trace.server.store import queries, record, registry, retention
 from battery_trace.server.store.db import Database, StoreError, StoreUnavailable
 from battery_trace.server.store.record import CommitResult, RuleSettings
+from battery_trace.server.store.retention import QuarantineLimits
 
-__all__ = ["CommitResult", "RuleSettings", "Store", "StoreError", "StoreUnavailable"]
+__all__ = ["CommitResult", "QuarantineLimits", "RuleSettings", "Store", "StoreError", "StoreUnavailable"]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    raised: int  # time-based findings raised (unaccounted, sequence gaps)
+    dropped: dict[str, int]  # quarantine rows retention dropped, per reason
+
+
 class Store:
-    def __init__(self, url: str, rules: RuleSettings | None = None) -> None:
+    def __init__(self, url: str, rules: RuleSettings | None = None, quarantine: QuarantineLimits | None = None) -> None:
         self.db = Database(url)
         self.rules = rules or RuleSettings()
+        self.quarantine = quarantine or QuarantineLimits()
         self.db.migrate()
 
     @property
@@ -62,7 +71,9 @@ class Store:
             return registry.key(tx, kid)
 
     def keys(self, kids: Iterable[bytes]) -> dict[bytes, KeyRecord]:
-        with self.db.reading() as tx:
+        """The intake's key lookups, through a connection of their own: a dashboard's long read on the
+        shared reader never holds up a batch."""
+        with self.db.reading(intake=True) as tx:
             return registry.keys(tx, kids)
 
     def devices(self) -> list[dict[str, object]]:
@@ -133,9 +144,15 @@ class Store:
                 results.append(self._commit([], [bare], at))
         return record.merged(results, [])
 
-    def sweep(self, now: float | None = None) -> int:
+    def sweep(self, now: float | None = None) -> Sweep:
+        """Time-based work: the rules' sweep, and the quarantine's retention (its drops are counted)."""
+        at = time.time() if now is None else now
         with self.db.transaction() as tx:
-            return record.sweep(tx, time.time() if now is None else now, self.rules)
+            raised = record.sweep(tx, at, self.rules)
+            dropped = retention.prune_quarantine(tx, at, self.quarantine)
+        if dropped:
+            log.info("quarantine retention dropped rejected messages (counted in quarantine_dropped): %s", dropped)
+        return Sweep(raised, dropped)
 
     # -- queries ----------------------------------------------------------------------------------
 

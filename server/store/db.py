@@ -145,9 +145,10 @@ class _Connection:
 
 
 class Database:
-    """The record's database. Writes go through one connection, reads through another, so that key
+    """The record's database. Writes go through one connection, reads through others, so that key
     lookups and queries never wait behind a long batch commit (SQLite WAL and PostgreSQL both let a
-    reader see the last committed state while a writer works)."""
+    reader see the last committed state while a writer works). The intake's key lookups have a reader
+    of their own: a polling dashboard on the shared one delayed them (median 0.64 s per batch)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -160,6 +161,7 @@ class Database:
             raise StoreError(f"store URL {url!r} is not supported; valid: sqlite:PATH or postgresql://...")
         self._writer = _Connection(self)
         self._reader = _Connection(self)
+        self._intake_reader = _Connection(self)
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
@@ -202,9 +204,9 @@ class Database:
                 raise
 
     @contextmanager
-    def reading(self) -> Iterator[Tx]:
-        """Autocommitted reads of the last committed state."""
-        slot = self._reader
+    def reading(self, *, intake: bool = False) -> Iterator[Tx]:
+        """Autocommitted reads of the last committed state (``intake``: on the intake's own connection)."""
+        slot = self._intake_reader if intake else self._reader
         with slot.lock:
             conn = slot.get()
             try:
@@ -214,7 +216,7 @@ class Database:
                 raise StoreUnavailable(f"the store failed while reading ({_first_line(exc)})") from None
 
     def close(self) -> None:
-        for slot in (self._writer, self._reader):
+        for slot in (self._writer, self._reader, self._intake_reader):
             with slot.lock:
                 if slot.conn is not None:
                     slot.conn.close()

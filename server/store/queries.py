@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -23,6 +24,10 @@ def counts(tx: Tx) -> dict[str, Any]:
         "findings_open": dict(
             tx.all("SELECT kind, COUNT(*) FROM findings WHERE resolved_at IS NULL GROUP BY kind ORDER BY kind")
         ),
+        "quarantine_dropped": {
+            reason: {"messages": n, "bytes": size}
+            for reason, n, size in tx.all("SELECT reason, messages, bytes FROM quarantine_dropped ORDER BY reason")
+        },
     }
 
 
@@ -212,7 +217,7 @@ def device(tx: Tx, device_id: str) -> dict[str, Any] | None:
 
 
 def rejects(tx: Tx, reason: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
-    sql = "SELECT id, received_at, topic, device, reason, detail, raw FROM quarantine WHERE 1 = 1"
+    sql = "SELECT id, received_at, topic, device, reason, detail, raw, size, sha256 FROM quarantine WHERE 1 = 1"
     params: list[Any] = []
     if reason:
         sql += " AND reason = ?"
@@ -229,8 +234,9 @@ def rejects(tx: Tx, reason: str | None, since: float | None, limit: int) -> list
             "device": r[3],
             "reason": r[4],
             "detail": r[5],
-            "size": len(r[6]),
-            "raw": r[6].hex(),
+            "size": len(r[6]) if r[7] is None else r[7],  # rows from before migration 4 are whole
+            "sha256": (r[8] or hashlib.sha256(r[6]).digest()).hex(),
+            "raw": r[6].hex(),  # all of it, or the first RAW_PREFIX bytes of an oversized message
         }
         for r in rows
     ]

@@ -9,6 +9,7 @@ replays see every event.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -327,13 +328,29 @@ _TOPIC_MAX = 512
 _DETAIL_MAX = 2000
 
 
+# An oversized message (too_large) keeps this much of its start, with its full size and hash: enough to
+# tell what it was, never a way to fill the record. Messages within the intake's limit are kept whole.
+RAW_PREFIX = 4096
+
+
 def _quarantine(tx: Tx, rejected: Iterable[Rejected], at: float) -> int:
     rows = [
-        (at, escaped(r.topic, _TOPIC_MAX), _topic_device(r.topic), r.reason, escaped(r.detail, _DETAIL_MAX), r.raw)
+        (
+            at,
+            escaped(r.topic, _TOPIC_MAX),
+            _topic_device(r.topic),
+            r.reason,
+            escaped(r.detail, _DETAIL_MAX),
+            r.raw[:RAW_PREFIX] if r.reason == "too_large" else r.raw,
+            len(r.raw),
+            hashlib.sha256(r.raw).digest(),
+        )
         for r in rejected
     ]
     tx.executemany(
-        "INSERT INTO quarantine (received_at, topic, device, reason, detail, raw) VALUES (?, ?, ?, ?, ?, ?)", rows
+        "INSERT INTO quarantine (received_at, topic, device, reason, detail, raw, size, sha256) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
     )
     return len(rows)
 
