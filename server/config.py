@@ -126,6 +126,7 @@ def load(path: Path | None) -> ServerConfig:
         deadlines_days=deadlines,
         unaccounted_days=r.number("unaccounted_days", 30.0, low=0.0, high=3650),
         gap_minutes=r.number("gap_minutes", 60.0, low=0.0, high=525600),
+        clock_tolerance_minutes=r.number("clock_tolerance_minutes", 15.0, low=0.0, high=525600),
     )
     r.finish()
     w = root.section("web")

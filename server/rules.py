@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 DAY_MS = 86_400_000
@@ -28,6 +29,7 @@ FINDING_KINDS = (
     "chain_break",
     "sequence_gap",
     "revoked_key",  # stored from a key later revoked with effect from before its arrival
+    "clock_ahead",  # dated later than it reached the server (beyond a tolerance): the device's clock is wrong
 )
 # Findings a battery or vehicle replay derives; recomputed (raised or resolved) on every replay.
 REPLAYED_BATTERY_KINDS = ("double_installation", "not_in_vehicle", "unauthorised_receiver")
@@ -54,7 +56,8 @@ HOLDER_ROLES = ("manufacturer", "vehicle_maker", "swap_operator", "maintenance",
 
 @dataclass(frozen=True)
 class EventFacts:
-    """What the rules need to know of one stored event."""
+    """What the rules need to know of one stored event. ``time_ms`` is the time the record orders it by:
+    the device's time, but never later than the event reached the server (see ``ordering_time``)."""
 
     kid: bytes
     seq: int
@@ -97,6 +100,25 @@ class VehicleState:
     state: str = "unknown"
     batteries: set[str] = field(default_factory=set)
     last_event_ms: int = 0
+
+
+def ordering_time(device_time_ms: int, received_at: float) -> int:
+    """When an event happened, for the rules: its device time, except that nothing happened after it
+    arrived. A clock far ahead (2099) would otherwise sort an event after everything real and pin a
+    battery's state for good; the wrong clock itself is a ``clock_ahead`` finding."""
+    return min(device_time_ms, int(received_at * 1000))
+
+
+def clock_ahead(e: EventFacts, device_time_ms: int, tolerance_minutes: float) -> Finding | None:
+    ahead_ms = device_time_ms - int(e.received_at * 1000)
+    if ahead_ms <= tolerance_minutes * 60_000:
+        return None
+    stamp = datetime.fromtimestamp(device_time_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    detail = (
+        f"seq {e.seq} is dated {stamp}, {ahead_ms / 3_600_000:.1f} h after it reached the server; "
+        "the record orders it by its arrival"
+    )
+    return Finding("clock_ahead", f"device:{e.device}", e.ref, detail)
 
 
 def battery(code: str) -> str:

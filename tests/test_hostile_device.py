@@ -339,3 +339,33 @@ def test_a_re_encoded_copy_neither_displaces_the_genuine_event_nor_accuses_its_d
         assert store.device("gw-1")["keys"][0]["watermark"] == 2
     finally:
         store.close()
+
+
+# -- a device clock far ahead ----------------------------------------------------------------------------
+
+
+def test_a_future_dated_event_is_a_finding_and_does_not_pin_the_battery(store_url: str) -> None:
+    """An event dated 2099 by a wrong (or lying) clock used to sort after everything real, so the
+    battery stayed where it said for good. The record orders an event no later than its arrival, and
+    the clock is a finding against the device."""
+    store = Store(store_url)
+    try:
+        world = World(store)
+        maker = world.device("maker-1", "vehicle_maker")
+        skewed = world.device("maker-2", "vehicle_maker")
+        station = world.device("station-1", "swap_operator")
+        other = "0RJPEA00HAU0AAG1C3000124"
+        world.send(maker, "installed", {"code": PACK, "vin": VIN}, T0)
+        year_2099 = 4_070_908_800_000
+        vin2 = "LNBSCB3F3PW654321"
+        world.deliver(skewed, skewed.seal("installed", {"code": PACK, "vin": vin2}, year_2099), T0 + DAY)
+        swap = {"vin": vin2, "code_out": PACK, "code_in": other, "slot_out": 1, "slot_in": 2}
+        swap |= {"health_out": {"soc_pct": 20}, "health_in": {"soc_pct": 95}}
+        world.send(station, "swapped", swap, T0 + 2 * DAY, delay_ms=1000)
+        trace = store.trace(PACK)
+        assert trace["state"] == "in_stock"  # the swap took it out of the vehicle; 2099 no longer wins
+        assert ("clock_ahead", "device:maker-2") in world.open_findings()
+        (finding,) = store.findings(kind="clock_ahead")
+        assert "2099" in finding["detail"]
+    finally:
+        store.close()

@@ -29,6 +29,7 @@ class RuleSettings:
     deadlines_days: Mapping[str, float] = field(default_factory=lambda: dict(rules.DEFAULT_DEADLINES_DAYS))
     unaccounted_days: float = 30.0
     gap_minutes: float = 60.0
+    clock_tolerance_minutes: float = 15.0  # an event dated later than its arrival by more is a clock_ahead
 
 
 class Watermark(NamedTuple):
@@ -76,7 +77,7 @@ def merged(results: Iterable[CommitResult], refused: Iterable[Rejected]) -> Comm
 
 def _facts(item: Accepted, at: float) -> EventFacts:
     ev = item.event
-    return EventFacts(item.kid, ev.seq, ev.device, ev.type, ev.time_ms, at, dict(ev.fields))
+    return EventFacts(item.kid, ev.seq, ev.device, ev.type, rules.ordering_time(ev.time_ms, at), at, dict(ev.fields))
 
 
 # A batch costs a fixed number of statements, however many devices and batteries it touches: rows are
@@ -370,6 +371,9 @@ def _derive(tx: Tx, new: list[Accepted], at: float, settings: RuleSettings) -> l
     vins: set[str] = set()
     for item in new:
         facts = _facts(item, at)
+        ahead = rules.clock_ahead(facts, item.event.time_ms, settings.clock_tolerance_minutes)
+        if ahead:
+            out.append(ahead)
         for problem in item.code_problems:
             code = dict(item.event.codes())[problem.path]
             out.append(Finding("invalid_code", rules.battery(code), facts.ref, f"{problem.path}: {problem.message}"))
@@ -402,7 +406,10 @@ _VEHICLE_LIFECYCLE = f"SELECT {_FACT_COLUMNS} FROM events e WHERE e.vin = ? AND 
 
 
 def _lifecycle_facts(tx: Tx, sql: str, value: str) -> list[EventFacts]:
-    return [EventFacts(r[0], r[1], r[2], r[3], r[4], r[5], event_fields(r[6])) for r in tx.all(sql, (value,))]
+    return [
+        EventFacts(r[0], r[1], r[2], r[3], rules.ordering_time(r[4], r[5]), r[5], event_fields(r[6]))
+        for r in tx.all(sql, (value,))
+    ]
 
 
 def _batteries(tx: Tx, latest: Mapping[str, EventFacts], lifecycle: set[str], at: float) -> list[Finding]:
