@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -201,6 +202,7 @@ def dashboard(tmp_path: Path, broker: Broker):
     port = free_port()
     config = collectors.write_config(tmp_path / "server.toml", store.url, broker, "c1", key_path, web_port=port)
     config.write_text(config.read_text() + f'token_file = "{tmp_path / "web.token"}"\n')
+    (tmp_path / "web.token").write_text(secrets.token_urlsafe(32) + "\n")  # what `battery-server init` writes
     log = tmp_path / "server.log"
     with open(log, "ab") as out:
         server = subprocess.Popen(
