@@ -48,6 +48,9 @@ DEFAULT_DEADLINES_DAYS: dict[str, float] = {
 # The field a deadline counts from, when the event carries it (else the event's own time).
 DEADLINE_FROM = {"installed": "certificate_time", "vehicle_scrapped": "intake_time", "recycled": "intake_time"}
 
+# The fields of an event the rules read (the store keeps them beside each lifecycle event).
+RULE_FIELDS = ("code", "vin", "code_out", "code_in", "codes", "to_role", "to_entity", "new_code", "certificate_time",
+               "intake_time")  # fmt: skip
 OUT_OF_SERVICE = ("removed", "retired")
 FINAL = ("recycled", "repurposed")
 RETIRED_RECEIVERS = ("recycler", "repurposer")
@@ -147,46 +150,54 @@ def replay_battery(code: str, events: Iterable[EventFacts]) -> tuple[BatteryStat
     s = BatteryState(code)
     out: list[Finding] = []
     for e in sorted(events, key=EventFacts.order):
-        f = e.fields
-        s.last_event_ms = max(s.last_event_ms, e.time_ms)
-        if e.type == "produced" and f.get("code") == code:
-            s.state, s.place = "produced", e.device
-        elif e.type == "installed":
-            _in_vehicle(s, f["vin"], e, out)
-        elif e.type in ("swapped", "replaced"):
-            if f.get("code_out") == code:
-                _out_of_vehicle(s, f["vin"], e, out, "in_stock" if e.type == "swapped" else "removed")
-                s.place = e.device
-                if e.type == "replaced":
-                    s.out_of_service_ms = e.time_ms
-            if f.get("code_in") == code:
-                _in_vehicle(s, f["vin"], e, out)
-        elif e.type == "vehicle_scrapped" and code in f.get("codes", ()):
-            s.state, s.vin, s.place, s.out_of_service_ms = "retired", None, e.device, e.time_ms
-        elif e.type == "handed_over":
-            to_role = f["to_role"]
-            allowed = RETIRED_RECEIVERS if s.state in OUT_OF_SERVICE else HOLDER_ROLES
-            if to_role not in allowed:
-                out.append(
-                    Finding(
-                        "unauthorised_receiver",
-                        battery(code),
-                        e.ref,
-                        f"a {s.state.replace('_', ' ')} battery handed to {f['to_entity']} ({to_role}); "
-                        f"may go to: {', '.join(allowed)}",
-                    )
-                )
-            s.place = f["to_entity"]
-            if s.state in OUT_OF_SERVICE:
-                s.out_of_service_ms = e.time_ms  # the new holder's clock starts
-        elif e.type == "repurposed":
-            if f.get("code") == code:
-                s.state, s.final_ms, s.out_of_service_ms = "repurposed", e.time_ms, None
-            elif f.get("new_code") == code:
-                s.state, s.place, s.out_of_service_ms = "second_life", e.device, None
-        elif e.type == "recycled":
-            s.state, s.final_ms, s.out_of_service_ms = "recycled", e.time_ms, None
+        apply_battery(s, e, out)
     return s, out
+
+
+def apply_battery(s: BatteryState, e: EventFacts, out: list[Finding]) -> None:
+    """One lifecycle event, in its place after every event already applied to ``s``: the replay's step,
+    which the store also takes alone when an event arrives in order (so a batch's cost does not grow
+    with the battery's history)."""
+    code = s.code
+    f = e.fields
+    s.last_event_ms = max(s.last_event_ms, e.time_ms)
+    if e.type == "produced" and f.get("code") == code:
+        s.state, s.place = "produced", e.device
+    elif e.type == "installed":
+        _in_vehicle(s, f["vin"], e, out)
+    elif e.type in ("swapped", "replaced"):
+        if f.get("code_out") == code:
+            _out_of_vehicle(s, f["vin"], e, out, "in_stock" if e.type == "swapped" else "removed")
+            s.place = e.device
+            if e.type == "replaced":
+                s.out_of_service_ms = e.time_ms
+        if f.get("code_in") == code:
+            _in_vehicle(s, f["vin"], e, out)
+    elif e.type == "vehicle_scrapped" and code in f.get("codes", ()):
+        s.state, s.vin, s.place, s.out_of_service_ms = "retired", None, e.device, e.time_ms
+    elif e.type == "handed_over":
+        to_role = f["to_role"]
+        allowed = RETIRED_RECEIVERS if s.state in OUT_OF_SERVICE else HOLDER_ROLES
+        if to_role not in allowed:
+            out.append(
+                Finding(
+                    "unauthorised_receiver",
+                    battery(code),
+                    e.ref,
+                    f"a {s.state.replace('_', ' ')} battery handed to {f['to_entity']} ({to_role}); "
+                    f"may go to: {', '.join(allowed)}",
+                )
+            )
+        s.place = f["to_entity"]
+        if s.state in OUT_OF_SERVICE:
+            s.out_of_service_ms = e.time_ms  # the new holder's clock starts
+    elif e.type == "repurposed":
+        if f.get("code") == code:
+            s.state, s.final_ms, s.out_of_service_ms = "repurposed", e.time_ms, None
+        elif f.get("new_code") == code:
+            s.state, s.place, s.out_of_service_ms = "second_life", e.device, None
+    elif e.type == "recycled":
+        s.state, s.final_ms, s.out_of_service_ms = "recycled", e.time_ms, None
 
 
 def replay_vehicle(vin: str, events: Iterable[EventFacts]) -> tuple[VehicleState, list[Finding]]:
@@ -194,9 +205,15 @@ def replay_vehicle(vin: str, events: Iterable[EventFacts]) -> tuple[VehicleState
     v = VehicleState(vin)
     out: list[Finding] = []
     for e in sorted(events, key=EventFacts.order):
-        f = e.fields
-        if f.get("vin") != vin:
-            continue
+        apply_vehicle(v, e, out)
+    return v, out
+
+
+def apply_vehicle(v: VehicleState, e: EventFacts, out: list[Finding]) -> None:
+    """One lifecycle event after every event already applied to ``v`` (see ``apply_battery``)."""
+    vin = v.vin
+    f = e.fields
+    if f.get("vin") == vin:
         v.last_event_ms = max(v.last_event_ms, e.time_ms)
         if e.type == "installed":
             v.batteries.add(f["code"])
@@ -219,7 +236,6 @@ def replay_vehicle(vin: str, events: Iterable[EventFacts]) -> tuple[VehicleState
                 )
             v.batteries.clear()
             v.state = "scrapped"
-    return v, out
 
 
 def late_report(e: EventFacts, deadlines_days: Mapping[str, float], subject: str) -> Finding | None:

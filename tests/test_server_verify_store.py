@@ -113,7 +113,7 @@ def test_writes_are_idempotent_and_the_watermark_waits_for_gaps(store):
 def test_rejects_go_to_quarantine_with_reason_and_raw_bytes(store):
     bad = check(b"\xd2garbage")
     store.commit([], [bad], NOW)
-    assert store.counts() == {"events": 0, "rejected": {"malformed": 1}, "findings_open": {}}
+    assert store.counts() == {"events": 0, "rejected": {"malformed": 1}, "findings_open": {}, "quarantine_dropped": {}}
 
 
 def test_enrolment_refuses_a_second_enrolment_and_a_reused_key(store):

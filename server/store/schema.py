@@ -136,4 +136,20 @@ MIGRATIONS: tuple[str, ...] = (
         last_at {real} NOT NULL
     );
     """,
+    # 5: a batch's cost independent of history. What the rules read of a lifecycle event is kept beside
+    # it (facts, JSON; older rows are filled in when first read); each battery and vehicle row keeps the
+    # order key of the last lifecycle event applied to it, so an event arriving in order is one step from
+    # the stored state instead of a replay; lifecycle rows of a code are found without reading its health.
+    """
+    ALTER TABLE events ADD COLUMN facts TEXT;
+    ALTER TABLE batteries ADD COLUMN applied_ms BIGINT;
+    ALTER TABLE batteries ADD COLUMN applied_received {real};
+    ALTER TABLE batteries ADD COLUMN applied_kid {blob};
+    ALTER TABLE batteries ADD COLUMN applied_seq BIGINT;
+    ALTER TABLE vehicles ADD COLUMN applied_ms BIGINT;
+    ALTER TABLE vehicles ADD COLUMN applied_received {real};
+    ALTER TABLE vehicles ADD COLUMN applied_kid {blob};
+    ALTER TABLE vehicles ADD COLUMN applied_seq BIGINT;
+    CREATE INDEX event_codes_lifecycle ON event_codes (code, type) WHERE type <> 'health';
+    """,
 )
