@@ -72,6 +72,12 @@ RECONNECT_MAX_S = 3
 Arrival = tuple[int, Message]  # the connection it came on, and the message
 
 
+def _device_of(topic: str) -> str:
+    """The device level of a topic, for fairness only (verification checks the topic properly)."""
+    parts = topic.split("/", 3)
+    return parts[2] if len(parts) > 2 else topic
+
+
 class Inbox:
     """Arrivals waiting to be checked: put a socket read's worth at once, take a batch at once, so
     the cost of locking and waking is per batch rather than per message."""
@@ -86,7 +92,10 @@ class Inbox:
             self._ready.notify()
 
     def take(self, limit: int, wait_s: float, linger_s: float) -> list[Arrival]:
-        """Up to ``limit`` arrivals: waits ``wait_s`` for a first one, then up to ``linger_s`` for more."""
+        """Up to ``limit`` arrivals: waits ``wait_s`` for a first one, then up to ``linger_s`` for more.
+        When more are waiting than fit, each device waiting gets its share of the batch first and the
+        rest fills in arrival order, so one device's flood delays only itself; a device's own messages
+        keep their order (which decides, for a fork, which event stays the record)."""
         items = self._items
         with self._ready:
             if not items and not self._ready.wait(wait_s):
@@ -94,7 +103,35 @@ class Inbox:
             deadline = time.monotonic() + linger_s
             while len(items) < limit and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
-            return [items.popleft() for _ in range(min(limit, len(items)))]
+            if len(items) <= limit:
+                taken = list(items)
+                items.clear()
+                return taken
+            return self._fair_share(limit)
+
+    def _fair_share(self, limit: int) -> list[Arrival]:
+        waiting = list(self._items)
+        devices = Counter(_device_of(m.topic) for _, m in waiting)
+        share = max(1, limit // len(devices))
+        counts: Counter[str] = Counter()
+        chosen = [False] * len(waiting)
+        taken = 0
+        for i, (_, message) in enumerate(waiting):  # every device's share first, in arrival order
+            device = _device_of(message.topic)
+            if counts[device] < share and taken < limit:
+                counts[device] += 1
+                chosen[i] = True
+                taken += 1
+        for i in range(len(waiting)):  # then what room is left, in arrival order
+            if taken >= limit:
+                break
+            if not chosen[i]:
+                chosen[i] = True
+                taken += 1
+        # Both passes take in arrival order, so what is taken of each device is a prefix of its own
+        # messages: a later one never overtakes an earlier one.
+        self._items = deque(item for item, keep in zip(waiting, chosen, strict=True) if not keep)
+        return [item for item, keep in zip(waiting, chosen, strict=True) if keep]
 
 
 @dataclass(frozen=True)

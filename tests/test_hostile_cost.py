@@ -173,3 +173,27 @@ def test_stepping_in_arrival_order_ends_where_a_full_replay_does(store_url: str,
                 assert row[0] == v.state and set(json.loads(row[1])) == v.batteries
     finally:
         store.close()
+
+
+# -- fairness between devices ---------------------------------------------------------------------------
+
+
+def test_a_flooding_device_delays_only_itself(monkeypatch) -> None:
+    """One device's backlog fills the collector's inbox; every other device's waiting message still
+    goes into the next batch (each device present gets its share first, the rest fills in arrival
+    order), and each device's own order is kept."""
+    from battery_trace.server.intake import Inbox
+    from battery_trace.server.mqtt_packets import Message
+
+    inbox = Inbox()
+    flood = [(0, Message("bt/v1/flooder/events", bytes([i % 256]) * 8, 1, i + 1)) for i in range(1900)]
+    honest = [(0, Message(f"bt/v1/gw-{i}/events", b"h", 1, 5000 + i)) for i in range(40)]
+    inbox.put(flood)
+    inbox.put(honest)
+    first = inbox.take(500, 0.1, 0.0)
+    assert len(first) == 500
+    assert all(item in first for item in honest)
+    taken = [m.packet_id for _, m in first if m.topic == "bt/v1/flooder/events"]
+    assert taken == list(range(1, 461))  # the flooder's share, still in its own order
+    rest = inbox.take(2000, 0.1, 0.0)
+    assert [m.packet_id for _, m in rest] == list(range(461, 1901))
