@@ -211,7 +211,11 @@ class Demo:
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip())
         self.rig.disconnect_pack()  # the pack goes back into the vehicle
-        self._wait("the rig to see the pack gone", lambda: not self.rig.status()["slots"].get("1", {}).get("occupied"))
+        # An agent that does not answer a poll (status() is {} then) has not seen the pack go yet.
+        self._wait(
+            "the rig to see the pack gone",
+            lambda: "slots" in (status := self.rig.status()) and not status["slots"].get("1", {}).get("occupied"),
+        )
         self.step = f"scrapper: {VINS[2]} scrapped with {HERO}, handed to the recycler"
         self._emit(
             "scrapper",
