@@ -1,6 +1,6 @@
 """The uplink: publishes the outbox in sealing order and prunes only what signed receipts cover.
 
-MQTT v5, QoS 1, a persistent session under a stable client id. Delivery is at-least-once by design:
+MQTT v5, QoS 1, a persistent session under the device's id. Delivery is at-least-once by design:
 an event is published, and published again after ``resend_after_s`` until a receipt signed by the
 server covers it; the server stores each (key, sequence) once. A receipt that does not verify
 against the configured server key, or names another device or key, prunes nothing.
@@ -44,18 +44,21 @@ class MqttSettings:
     password: str | None = None
 
 
+def client_id(device: str) -> str:
+    """The device's one client id, under which the broker keeps its session: the device id. A TLS
+    broker gives every connection its certificate's name as client id (use_username_as_clientid,
+    so no certificate can take over another's session), so asking for the same name keeps the session
+    in the same place on a loopback broker. One certificate, one connection: ``battery-agent emit``
+    on a device shares this id with the device's agent."""
+    return device
+
+
 class Uplink:
     def __init__(
-        self,
-        settings: MqttSettings,
-        outbox: Outbox,
-        device: str,
-        device_kid: bytes,
-        server_key: PublicKey,
-        client_id: str | None = None,
+        self, settings: MqttSettings, outbox: Outbox, device: str, device_kid: bytes, server_key: PublicKey
     ) -> None:
         self.settings = settings
-        self.client_id = client_id or f"bt-agent-{device}"  # stable: the broker keeps the session under it
+        self.client_id = client_id(device)
         self.outbox = outbox
         self.device = device
         self.kid = device_kid

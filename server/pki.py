@@ -1,18 +1,26 @@
-"""A site's transport PKI: one CA, the broker's certificate, client certificates for devices and
-collectors, the revocation list and the broker's ACL, all in one folder.
+"""A site's transport PKI: one CA, the broker's certificate, client certificates for devices,
+collectors and their status listeners, the revocation list and the broker's access rules.
 
 Transport certificates say who may talk to the broker and on which topics; they are not the
 evidence keys (those are the Ed25519 keys in the registry), so a stolen TLS key alone cannot forge
 an event, and a revoked registry key is refused whatever the transport says. Certificates use
 ECDSA P-256, which every TLS stack a broker or a gateway runs understands.
 
-The folder (mode 0700):
+The folder keeps the CA key apart from what the broker reads. The broker runs as its own
+unprivileged user (mosquitto drops root before it opens a single file), so ``broker/`` is handed
+to that user (``chown -R mosquitto: DIR/broker``) and holds nothing else; the folder itself is
+0711, so the broker can reach ``broker/`` without being able to list or read the rest:
 
-    ca.pem, ca.key        the site CA (the key never leaves this folder)
-    crl.pem               revoked client certificates; the broker reads it at start and on SIGHUP
-    dynamic-security.json who may use which topic (mosquitto's dynamic security plugin); read at start
+    ca.pem, ca.key        the site CA (the key, 0600, never leaves this folder)
     index.json            every certificate issued: name, kind, serial, expiry, revocation
-    issued/NAME.pem|.key  the certificates and keys handed to the broker, devices and collectors
+    issued/NAME.pem|.key  (0700) the certificates and keys handed to devices, collectors, the admin
+    broker/               what the broker reads, written with the folder's owner:
+      ca.pem                the CA certificate it checks clients against
+      broker.pem|.key       its server certificate
+      crl.pem               revoked client certificates; read at start and on SIGHUP
+      dynamic-security.json who may use which topic (mosquitto's dynamic security plugin); read at
+                            start, changed on a running broker through its control topic
+                            (battery_trace.server.broker_control), and saved by the broker
 """
 
 from __future__ import annotations
@@ -31,8 +39,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-Kind = Literal["broker", "device", "collector"]
-KINDS: tuple[Kind, ...] = ("broker", "device", "collector")
+Kind = Literal["broker", "device", "collector", "status", "admin"]
+KINDS: tuple[Kind, ...] = ("broker", "device", "collector", "status", "admin")
+# The broker takes each connection's client id from its certificate's name
+# (use_username_as_clientid), so a certificate can hold one session only: its own. A collector
+# process has two connections (its intake and its dashboard's status listener), hence two
+# certificates, issued together; ``pki`` itself changes a running broker's rules as ADMIN.
+ADMIN = "bt-pki-admin"
+STATUS_SUFFIX = "-status"
 CA_DAYS = 3650
 LEAF_DAYS = 730
 # The broker refuses every client once the CRL's next update has passed, so it is re-signed on
@@ -40,6 +54,8 @@ LEAF_DAYS = 730
 # configs/battery-pki-renew-crl.timer) re-signs it once fewer than RENEW_DAYS are left.
 CRL_DAYS = 365
 RENEW_DAYS = 30
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+CONTROL_RESPONSE = CONTROL_TOPIC + "/response"
 
 
 class PkiError(Exception):
@@ -73,6 +89,29 @@ def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         f.write(data)
 
 
+def _write_public(path: Path, data: bytes) -> None:
+    """Written aside and renamed (the broker may read it at any moment), with the folder's owner, so
+    that what the broker's user was handed stays its own when root rewrites it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    _own_like_folder(partial)
+    partial.replace(path)
+
+
+def _own_like_folder(path: Path) -> None:
+    folder = path.parent.stat()
+    if os.geteuid() == 0 and (folder.st_uid, folder.st_gid) != (0, 0):
+        os.chown(path, folder.st_uid, folder.st_gid)
+
+
+def status_name(collector: str) -> str:
+    """The name (certificate, client id) of a collector's status listener."""
+    return collector + STATUS_SUFFIX
+
+
 def _pem(cert: x509.Certificate | x509.CertificateRevocationList) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -82,10 +121,11 @@ class Pki:
         self.folder = folder
         self.ca_cert_path = folder / "ca.pem"
         self.ca_key_path = folder / "ca.key"
-        self.crl_path = folder / "crl.pem"
-        self.access_path = folder / "dynamic-security.json"
         self.index_path = folder / "index.json"
         self.issued_dir = folder / "issued"
+        self.broker_dir = folder / "broker"
+        self.crl_path = self.broker_dir / "crl.pem"
+        self.access_path = self.broker_dir / "dynamic-security.json"
 
     # -- the CA -------------------------------------------------------------------------------------
 
@@ -93,8 +133,9 @@ class Pki:
         if self.ca_key_path.exists():
             raise PkiError(f"{self.ca_key_path} exists: this folder already holds a CA (refusing to replace it)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o700)
-        self.issued_dir.mkdir(exist_ok=True)
+        self.folder.chmod(0o711)  # the broker's user may reach broker/, and nothing else here
+        self.issued_dir.mkdir(mode=0o700, exist_ok=True)
+        self.broker_dir.mkdir(mode=0o755, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(
             [
@@ -118,7 +159,9 @@ class Pki:
         )
         _write_private(self.ca_key_path, key)
         self.ca_cert_path.write_bytes(_pem(cert))
+        _write_public(self.broker_dir / "ca.pem", _pem(cert))
         self._save([])
+        self.issue(ADMIN, "admin")
 
     def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if not self.ca_key_path.exists():
@@ -132,7 +175,20 @@ class Pki:
     # -- issuing and revoking -----------------------------------------------------------------------
 
     def issue(self, name: str, kind: Kind, hosts: tuple[str, ...] = (), days: int = LEAF_DAYS) -> tuple[Path, Path]:
-        """A key and a certificate for NAME; returns (certificate, key) paths."""
+        """A key and a certificate for NAME; returns (certificate, key) paths. A collector's status
+        listener gets its own certificate at the same time (``status_name``)."""
+        if kind == "collector":
+            self._check_free(status_name(name))
+        paths = self._issue(name, kind, hosts, days)
+        if kind == "collector":
+            self._issue(status_name(name), "status", (), days)
+        return paths
+
+    def _check_free(self, name: str) -> None:
+        if any(i.name == name and i.active for i in self.index()):
+            raise PkiError(f"{name} already has an active certificate; revoke it first to issue a new one")
+
+    def _issue(self, name: str, kind: Kind, hosts: tuple[str, ...], days: int) -> tuple[Path, Path]:
         if kind not in KINDS:
             raise PkiError(f"kind {kind!r} is not valid; valid: {', '.join(KINDS)}")
         if kind != "broker":
@@ -142,10 +198,10 @@ class Pki:
         elif not hosts:
             raise PkiError("a broker certificate needs at least one --host (the name or address clients dial)")
         ca_cert, ca_key = self._ca()
+        self._check_free(name)
         index = self.index()
-        if any(i.name == name and i.active for i in index):
-            raise PkiError(f"{name} already has an active certificate; revoke it first to issue a new one")
-        cert_path, key_path = self.issued_dir / f"{name}.pem", self.issued_dir / f"{name}.key"
+        where = self.broker_dir if kind == "broker" else self.issued_dir
+        cert_path, key_path = where / f"{name}.pem", where / f"{name}.key"
         for stale in (cert_path, key_path):  # only a revoked certificate's files can be here
             stale.unlink(missing_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -167,21 +223,26 @@ class Pki:
             builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         _write_private(key_path, key)
-        cert_path.write_bytes(_pem(cert))
+        _own_like_folder(key_path)  # the broker's key, once broker/ is the broker's
+        _write_public(cert_path, _pem(cert))
         index.append(Issued(name, kind, cert.serial_number, cert.not_valid_after_utc.isoformat()))
         self._save(index)
         return cert_path, key_path
 
     def revoke(self, name: str) -> list[Issued]:
+        """Revoke NAME's certificates (a collector's with its status listener's)."""
         index = self.index()
-        hits = [i for i in index if i.name == name and i.active]
+        names = {name} | {status_name(name) for i in index if i.name == name and i.kind == "collector"}
+        hits = [i for i in index if i.name in names and i.active]
+        if name == ADMIN:
+            raise PkiError(f"{ADMIN} is how `pki` changes a running broker; it cannot be revoked here")
         if not hits:
-            known = sorted({i.name for i in index if i.active})
+            known = sorted({i.name for i in index if i.active and i.kind != "admin"})
             raise PkiError(f"{name} has no active certificate; active: {', '.join(known) or 'none'}")
         when = _now().isoformat()
         index = [Issued(i.name, i.kind, i.serial, i.not_after, when) if i in hits else i for i in index]
         self._save(index)
-        return [i for i in index if i.name == name and i.revoked_at == when]
+        return [i for i in index if i.name in names and i.revoked_at == when]
 
     # -- what the broker reads ----------------------------------------------------------------------
 
@@ -193,12 +254,12 @@ class Pki:
     def _save(self, index: list[Issued]) -> None:
         self.index_path.write_text(json.dumps({"certificates": [asdict(i) for i in index]}, indent=2) + "\n")
         self.write_crl(index)
-        active = [i for i in index if i.active]
-        access = broker_access(
-            sorted(i.name for i in active if i.kind == "device"),
-            sorted(i.name for i in active if i.kind == "collector"),
-        )
-        self.access_path.write_text(json.dumps(access, indent=2) + "\n")
+        _write_public(self.access_path, (json.dumps(self.access(index), indent=2) + "\n").encode())
+
+    def access(self, index: list[Issued] | None = None) -> dict[str, object]:
+        """The broker's access rules for the active certificates."""
+        active = [i for i in (self.index() if index is None else index) if i.active]
+        return broker_access({kind: sorted(i.name for i in active if i.kind == kind) for kind in ROLE_ACLS})
 
     def crl_next_update(self) -> dt.datetime | None:
         """When the broker starts refusing every client unless the CRL is re-signed; None if there is
@@ -237,7 +298,7 @@ class Pki:
                     .revocation_date(dt.datetime.fromisoformat(i.revoked_at))
                     .build()
                 )
-        self.crl_path.write_bytes(_pem(builder.sign(ca_key, hashes.SHA256())))
+        _write_public(self.crl_path, _pem(builder.sign(ca_key, hashes.SHA256())))
 
 
 # Why the broker's access rules are a dynamic-security file and not an acl_file: mosquitto 2.0's
@@ -246,47 +307,72 @@ class Pki:
 # hands it a share of every device's events and drops them at the delivery check, so those events
 # are delayed until their agents resend them, for as long as it stays subscribed. The dynamic
 # security plugin (shipped with mosquitto 2.0) checks subscriptions, but its 2.0 rules cannot name
-# "the client's own username" (%u), so each device gets rules of its own, and the plugin reads the
-# file only at start: restart the broker after issuing or revoking a certificate.
+# "the client's own username" (%u), so each device gets rules of its own. The plugin reads the
+# file only at start; `pki ... --broker` applies a change to a running broker through the
+# plugin's control topic instead (battery_trace.server.broker_control).
 
 
 def _acl(kind: str, topic: str) -> dict[str, object]:
     return {"acltype": kind, "topic": topic, "priority": 0, "allow": True}
 
 
-def broker_access(devices: list[str], collectors: list[str]) -> dict[str, object]:
-    """The dynamic security plugin's file. The broker takes each client's username from its
-    certificate's common name (``use_identity_as_username``); a name not in this file may do nothing
-    (every default is "deny"), so a certificate issued after the broker started is shut out, not let in."""
+def _device_acls(device: str) -> list[dict[str, object]]:
     p = topics.PREFIX
-    roles: list[dict[str, object]] = [
-        {
-            "rolename": "collector",
-            "textdescription": "every device's events (as one shared group) and statuses; writes receipts",
-            "acls": [
-                _acl("subscribeLiteral", topics.SHARED_EVENTS),
-                _acl("subscribeLiteral", f"{p}/+/status"),
-                _acl("publishClientReceive", f"{p}/+/events"),
-                _acl("publishClientReceive", f"{p}/+/status"),
-                _acl("publishClientSend", f"{p}/+/receipts"),
-            ],
-        }
+    return [
+        _acl("publishClientSend", f"{p}/{device}/events"),
+        _acl("publishClientSend", f"{p}/{device}/status"),
+        _acl("subscribeLiteral", f"{p}/{device}/receipts"),
+        _acl("publishClientReceive", f"{p}/{device}/receipts"),
     ]
-    clients: list[dict[str, object]] = [{"username": c, "roles": [{"rolename": "collector"}]} for c in collectors]
-    for device in devices:
-        roles.append(
-            {
-                "rolename": f"device-{device}",
-                "textdescription": "publishes its own events and status, reads its own receipts",
-                "acls": [
-                    _acl("publishClientSend", f"{p}/{device}/events"),
-                    _acl("publishClientSend", f"{p}/{device}/status"),
-                    _acl("subscribeLiteral", f"{p}/{device}/receipts"),
-                    _acl("publishClientReceive", f"{p}/{device}/receipts"),
-                ],
-            }
-        )
-        clients.append({"username": device, "roles": [{"rolename": f"device-{device}"}]})
+
+
+# Per kind of certificate: (role name, what it may do, its rules). A device's role is its own.
+ROLE_ACLS: dict[str, tuple[str, str, list[dict[str, object]]]] = {
+    "collector": (
+        "collector",
+        "every device's events (as one shared group); writes receipts",
+        [
+            _acl("subscribeLiteral", topics.SHARED_EVENTS),
+            _acl("publishClientReceive", f"{topics.PREFIX}/+/events"),
+            _acl("publishClientSend", f"{topics.PREFIX}/+/receipts"),
+        ],
+    ),
+    "status": (
+        "status",
+        "reads every device's retained status (a collector's dashboard)",
+        [
+            _acl("subscribeLiteral", f"{topics.PREFIX}/+/status"),
+            _acl("publishClientReceive", f"{topics.PREFIX}/+/status"),
+        ],
+    ),
+    "admin": (
+        "admin",
+        "changes these rules on the running broker (battery-server pki --broker)",
+        [
+            _acl("publishClientSend", CONTROL_TOPIC),
+            _acl("subscribeLiteral", CONTROL_RESPONSE),
+            _acl("publishClientReceive", CONTROL_RESPONSE),
+        ],
+    ),
+    "device": ("device-{name}", "publishes its own events and status, reads its own receipts", []),
+}
+
+
+def broker_access(names: dict[str, list[str]]) -> dict[str, object]:
+    """The dynamic security plugin's file for the active names by kind. The broker takes each
+    client's username from its certificate's common name (``use_identity_as_username``); a name not
+    in this file may do nothing (every default is "deny"), so a certificate issued after the broker
+    started is shut out, not let in, and a revoked one can do nothing even while still connected."""
+    roles: list[dict[str, object]] = []
+    clients: list[dict[str, object]] = []
+    for kind, (rolename, what, acls) in ROLE_ACLS.items():
+        for name in names.get(kind, []):
+            role = rolename.format(name=name)
+            clients.append({"username": name, "roles": [{"rolename": role}]})
+            if kind == "device":
+                roles.append({"rolename": role, "textdescription": what, "acls": _device_acls(name)})
+        if kind != "device":
+            roles.append({"rolename": rolename, "textdescription": what, "acls": acls})
     return {
         "defaultACLAccess": {
             "publishClientSend": False,

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from battery_trace.tls import TlsFiles, client_context
 from harness import agents, collectors
-from harness.broker import Broker, BrokerUnavailable
+from harness.broker import Broker, BrokerUnavailable, reachable
 from harness.waiting import wait_until
 from tests.conftest import missing_service
 
@@ -46,14 +46,16 @@ def site(tmp_path: Path) -> Path:
 
 def tls_listener(site: Path) -> str:
     """configs/mosquitto-tls.conf as shipped, pointed at the test's PKI folder and a free loopback port
-    (persistence is the harness's own)."""
+    (persistence is the harness's own); the PKI's broker/ folder is handed to the broker's user, as
+    the operator guide says."""
+    broker_dir = reachable(site / "broker")
     lines = []
     for line in CONFIG.read_text().splitlines():
         if line.startswith(("persistence", "autosave_interval", "max_queued_messages")):
             continue
         if line.startswith("listener "):
             line = "listener {port} 127.0.0.1"
-        lines.append(line.replace("/etc/mosquitto/battery-trace", str(site)))
+        lines.append(line.replace("/etc/mosquitto/battery-trace/broker", str(broker_dir)))
     return "\n".join(lines) + "\n"
 
 
@@ -134,7 +136,7 @@ def refused(broker: Broker, context: ssl.SSLContext | None) -> str:
 def test_pki_keeps_keys_private_and_refuses_to_replace_them(site, capsys):
     for key in [site / "ca.key", *(site / "issued").glob("*.key")]:
         assert key.stat().st_mode & 0o777 == 0o600, key
-    assert site.stat().st_mode & 0o777 == 0o700
+    assert site.stat().st_mode & 0o777 == 0o711 and (site / "issued").stat().st_mode & 0o777 == 0o700
     assert pki(site, "init", "--site", "again") == 1
     assert pki(site, "device", "station-1") == 1  # one active certificate per name
     assert pki(site, "device", "Station-3") == 1  # a certificate name is a device id, and this is not one
@@ -154,13 +156,13 @@ def test_a_validity_that_is_not_a_number_of_days_is_a_usage_error(site, capsys):
 
 
 def test_revocation_rewrites_the_crl_and_the_access_rules(site, capsys):
-    assert "collector-1" in (site / "dynamic-security.json").read_text()
+    assert "collector-1" in (site / "broker" / "dynamic-security.json").read_text()
     capsys.readouterr()
     assert pki(site, "revoke", "collector-1", "--json") == 0
     serial = json.loads(capsys.readouterr().out)["revoked"][0]["serial"]
-    crl = x509.load_pem_x509_crl((site / "crl.pem").read_bytes())
+    crl = x509.load_pem_x509_crl((site / "broker" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None
-    assert "collector-1" not in (site / "dynamic-security.json").read_text()
+    assert "collector-1" not in (site / "broker" / "dynamic-security.json").read_text()
     assert pki(site, "list", "--json") == 0
     listing = {(c["name"], c["revoked_at"] is None) for c in json.loads(capsys.readouterr().out)}
     assert ("collector-1", False) in listing and ("station-1", True) in listing

@@ -29,11 +29,11 @@ async def deliver(cfg: AgentConfig, timeout_s: float) -> bool:
 
     outbox = Outbox(cfg.outbox_path)
     key = keys.load_private(cfg.key_path)
-    # Its own client id and no persistent session: a running agent on this device keeps its own.
+    # The device's own client id (its certificate allows no other), without a persistent session: an
+    # agent running on this device is disconnected while this delivers and loses the receipts queued
+    # for it (it resends, so they are delayed, not lost); `emit --no-wait` leaves the delivery to it.
     settings = dataclasses.replace(cfg.mqtt, session_expiry_s=0, resend_after_s=min(cfg.mqtt.resend_after_s, 5.0))
-    uplink = Uplink(
-        settings, outbox, cfg.device, key.public.kid, cfg.server_key, client_id=f"bt-agent-{cfg.device}-emit"
-    )
+    uplink = Uplink(settings, outbox, cfg.device, key.public.kid, cfg.server_key)
     task = asyncio.create_task(uplink.run(cfg.status_interval_s))
     deadline = time.monotonic() + timeout_s
     try:

@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
         web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
         web_thread = threading.Thread(target=web.run, name="web", daemon=True)
         web_thread.start()
-        listener = StatusListener(
-            cfg.intake.host, cfg.intake.port, f"{cfg.intake.client_id}-status", store, cfg.intake.tls
-        )
+        listener = StatusListener(cfg.intake.host, cfg.intake.port, cfg.intake.client_id, store, cfg.intake.tls)
         listener.start()
         log.info("dashboard: http://%s:%d/?token=TOKEN, TOKEN from %s", host, port, token_from)
     try:

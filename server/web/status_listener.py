@@ -13,12 +13,14 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from battery_trace.protocol import topics
 from battery_trace.server import metrics
 from battery_trace.server.intake import RECONNECT_MAX_S
+from battery_trace.server.pki import status_name
 from battery_trace.server.store import Store, StoreUnavailable
 
 from battery_trace.tls import TlsFiles, client_context
@@ -76,12 +78,33 @@ def clean(status: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return kept, refused
 
 
+def client_id(collector_id: str) -> str:
+    """The listener's own client id. A TLS broker makes every connection's client id its
+    certificate's name (so no certificate can take over another's session), so the listener
+    connects with a certificate of its own, issued with the collector's (``pki collector``)."""
+    return status_name(collector_id)
+
+
+def own_tls(collector_id: str, collector_tls: TlsFiles | None) -> TlsFiles | None:
+    """The listener's certificate and key: CLIENT_ID-status.pem and .key next to the collector's. With
+    the collector's own, the broker would close the collector's connection for the listener's."""
+    if collector_tls is None or collector_tls.cert is None:
+        return collector_tls
+    folder = Path(collector_tls.cert).parent
+    name = client_id(collector_id)
+    return TlsFiles(collector_tls.ca, str(folder / f"{name}.pem"), str(folder / f"{name}.key"))
+
+
 class StatusListener:
-    def __init__(self, host: str, port: int, client_id: str, store: Store, tls: TlsFiles | None = None) -> None:
+    def __init__(self, host: str, port: int, collector_id: str, store: Store, tls: TlsFiles | None = None) -> None:
+        """TLS is the collector's ``tls``; the listener uses the certificate of ``own_tls``."""
         self.store = store
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if tls:
-            self.client.tls_set_context(client_context(tls))
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(collector_id), protocol=mqtt.MQTTv5
+        )
+        mine = own_tls(collector_id, tls)
+        if mine:
+            self.client.tls_set_context(client_context(mine))
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=RECONNECT_MAX_S)
         self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.PREFIX}/+/status", qos=1)
         self.client.on_message = self._on_message
