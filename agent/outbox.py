@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     sealed_at REAL NOT NULL,
     PRIMARY KEY (kid, seq)
 );
+-- Server keys the agent learned from receipts signed by a key it already trusted (a rotation).
+CREATE TABLE IF NOT EXISTS server_keys (
+    public_key BLOB PRIMARY KEY,
+    learned_at REAL NOT NULL
+);
 """
 
 
@@ -146,6 +151,25 @@ class Outbox:
             (*params, limit),
         ).fetchall()
         return [Pending(*row) for row in rows]
+
+    def server_keys(self) -> list[bytes]:
+        """Raw public keys learned from receipts (the configured key is trusted besides these)."""
+        return [row[0] for row in self._db.execute("SELECT public_key FROM server_keys ORDER BY learned_at")]
+
+    def learn_server_key(self, public_raw: bytes) -> bool:
+        """Keep a server key a trusted receipt announced; True when it is new. A write the disk refuses
+        is tried again with the next receipt that names it."""
+        try:
+            cur = self._db.execute(
+                "INSERT INTO server_keys (public_key, learned_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (public_raw, time.time()),
+            )
+        except sqlite3.Error as exc:
+            log.warning(
+                "%s; the server's next key is learned from a later receipt", OutboxError(self.path, "learn", exc)
+            )
+            return False
+        return cur.rowcount == 1
 
     def kids(self) -> set[bytes]:
         """Every key this outbox has sealed under: a rotated-out key's backlog is still receipted."""

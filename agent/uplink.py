@@ -62,7 +62,9 @@ class Uplink:
         self.outbox = outbox
         self.device = device
         self.kid = device_kid
-        self.server_key = server_key
+        # The configured server key, and the ones learned since from receipts it (or a learned one)
+        # signed: a rotation of the server's key does not stop receipts.
+        self.server_keys = [server_key, *(PublicKey(raw) for raw in outbox.server_keys() if raw != server_key.raw)]
         self.wake = asyncio.Event()  # set when something was sealed or a receipt arrived
         self.sent: dict[tuple[bytes, int], float] = {}  # (kid, seq) -> when last published
         self.counters: Counter[str] = Counter()
@@ -173,12 +175,17 @@ class Uplink:
     def handle_receipt(self, data: bytes) -> int:
         """Verify a receipt and prune what it covers; return how many events left the outbox."""
         try:
-            receipt = receipts.verify(data, self.server_key, self.device, self.outbox.kids())
+            receipt = receipts.verify(data, self.server_keys, self.device, self.outbox.kids())
         except receipts.ReceiptError as exc:
             self.counters["receipts_refused"] += 1
             log.warning("%s", exc)
             return 0
         self.counters["receipts"] += 1
+        if receipt.next_key is not None and all(k.raw != receipt.next_key.raw for k in self.server_keys):
+            if self.outbox.learn_server_key(receipt.next_key.raw):
+                log.info("the server announced its next key %s; receipts it signs are trusted", receipt.next_key.hex)
+            self.server_keys.append(receipt.next_key)
+            self.counters["server_keys_learned"] += 1
         pruned = self.outbox.prune(receipt.kid, receipt.watermark, receipt.hash)
         if pruned is None:
             self._foreign_chain(receipt)

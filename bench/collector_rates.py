@@ -159,7 +159,7 @@ class Bench:
 
         def on_receipt(client, userdata, message):
             device = message.topic.split("/")[2]
-            r = receipts.verify(message.payload, server_public, device, {kids[device]})
+            r = receipts.verify(message.payload, [server_public], device, {kids[device]})
             with lock:
                 arrivals.setdefault(device, []).append((time.time(), r.watermark))
 

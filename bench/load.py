@@ -77,7 +77,7 @@ async def device(
         async def receive() -> None:
             nonlocal watermark
             async for message in client.messages:
-                r = receipts.verify(bytes(message.payload), server, name, {key.public.kid})
+                r = receipts.verify(bytes(message.payload), [server], name, {key.public.kid})
                 now = time.time()
                 for s in range(watermark + 1, r.watermark + 1):
                     stats["latency_ms"].append((now - sent.pop(s, now)) * 1000)

@@ -45,6 +45,7 @@ class ServerConfig:
     rules: RuleSettings
     web: WebSettings
     quarantine: QuarantineLimits = field(default_factory=QuarantineLimits)
+    next_key_path: Path | None = None  # while the server's key is rotated: the key it signs with next
 
     @property
     def store_shown(self) -> str:
@@ -94,6 +95,9 @@ def load(path: Path | None) -> ServerConfig:
     st.finish()
     srv = root.section("server")
     key_path = srv.path("key", str(base.key_path))
+    next_key_path = srv.path("next_key", None)
+    if next_key_path is not None and next_key_path == key_path:
+        raise srv.error("next_key", "names the same file as key; the next key is another key")
     srv.finish()
     m = root.section("mqtt")
     i = root.section("intake")
@@ -141,7 +145,7 @@ def load(path: Path | None) -> ServerConfig:
     )
     q.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path), limits)
+    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path), limits, next_key_path)
 
 
 def _store_url(url: object, base_dir: Path, where: str) -> str:

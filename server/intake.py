@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from battery_trace.protocol import topics
-from battery_trace.protocol.keys import PrivateKey
+from battery_trace.protocol.keys import PrivateKey, PublicKey
 from battery_trace.protocol.text import escaped
 from battery_trace.server import metrics, receipts
 from battery_trace.server.broker_link import BrokerLink, LinkSettings
@@ -154,10 +154,13 @@ class Verified:
 
 
 class Collector:
-    def __init__(self, settings: IntakeSettings, store: Store, server_key: PrivateKey) -> None:
+    def __init__(
+        self, settings: IntakeSettings, store: Store, server_key: PrivateKey, next_key: PublicKey | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.server_key = server_key
+        self.next_key = next_key  # announced in every receipt while the server's key is being rotated
         self.inbox = Inbox()
         self.signatures = SignatureChecker()
         self.counters: Counter[str] = Counter()
@@ -329,7 +332,8 @@ class Collector:
                 by_connection.setdefault(generation, []).append(message.packet_id)
         for generation, packet_ids in by_connection.items():
             self.link.ack(generation, packet_ids)
-        for topic, receipt in receipts.issue(result.watermarks, self.server_key, int(time.time() * 1000)):
+        now_ms = int(time.time() * 1000)
+        for topic, receipt in receipts.issue(result.watermarks, self.server_key, now_ms, self.next_key):
             self.link.publish(topic, receipt)
             self.count("receipts")
             metrics.RECEIPTS.inc()

@@ -7,16 +7,19 @@ previous receipt, and repeating one is harmless (the watermark never goes down).
 from __future__ import annotations
 
 from battery_trace.protocol import receipts, topics
-from battery_trace.protocol.keys import PrivateKey
+from battery_trace.protocol.keys import PrivateKey, PublicKey
 from battery_trace.server.store.record import Watermark
 
 
-def issue(watermarks: dict[bytes, Watermark], server_key: PrivateKey, now_ms: int) -> list[tuple[str, bytes]]:
-    """(topic, signed receipt) for each chain: key id -> how far it is stored, and the hash there."""
+def issue(
+    watermarks: dict[bytes, Watermark], server_key: PrivateKey, now_ms: int, next_key: PublicKey | None = None
+) -> list[tuple[str, bytes]]:
+    """(topic, signed receipt) for each chain: key id -> how far it is stored, and the hash there; while
+    the server's key is being rotated, each also names the next key (signed by the current one)."""
     return [
         (
             topics.topic(mark.device, "receipts"),
-            receipts.sign(receipts.Receipt(mark.device, kid, mark.seq, mark.hash, now_ms), server_key),
+            receipts.sign(receipts.Receipt(mark.device, kid, mark.seq, mark.hash, now_ms, next_key), server_key),
         )
         for kid, mark in watermarks.items()
     ]

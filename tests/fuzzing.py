@@ -79,7 +79,7 @@ def fuzz_event(data: bytes) -> None:
 
 def fuzz_receipt(data: bytes) -> None:
     with contextlib.suppress(receipts.ReceiptError):
-        receipts.verify(data, SERVER_KEY.public, "station-1", {DEVICE_KEY.public.kid})
+        receipts.verify(data, [SERVER_KEY.public], "station-1", {DEVICE_KEY.public.kid})
 
 
 def fuzz_battery_code(data: bytes) -> None:

@@ -115,3 +115,34 @@ def test_after_a_key_rotation_the_old_keys_backlog_is_receipted_and_pruned(tmp_p
     wait_until(lambda: not old_backlog(), 40, "the old key's backlog to be receipted and pruned", [gateway["process"]])
     old_stored = sorted(e.seq for e in record_server.events() if e.seq <= sealed_old)
     assert set(range(1, sealed_old + 1)) <= set(old_stored)
+
+
+def test_the_servers_key_is_rotated_without_stopping_receipts(tmp_path, record_server, gateway):
+    """While [server] next_key is set, every receipt names the next key, signed by the current one; the
+    agent keeps it beside its outbox, so once the server signs with it (and after an agent restart)
+    receipts still prune. An agent that had pinned only the old key would refuse every receipt."""
+    port = gateway["port"]
+
+    def uplink() -> dict:
+        return (agents.status(port) or {}).get("uplink", {})
+
+    wait_until(lambda: uplink().get("receipts", 0) >= 3, 30, "the first receipts", [gateway["process"]])
+    next_key = tmp_path / "server-next.key"
+    keys.save_private(keys.generate(), next_key)
+    config = record_server.config
+    original = config.read_text()
+    key_line = f'key = "{record_server.key_path}"\n'
+    assert key_line in original
+    record_server.stop_collector()
+    config.write_text(original.replace(key_line, f'{key_line}next_key = "{next_key}"\n'))
+    record_server.start_collector()
+    wait_until(lambda: uplink().get("server_keys_learned", 0) >= 1, 30, "the next key to be learned")
+
+    record_server.stop_collector()  # the switch: the server signs with the next key from now on
+    config.write_text(original.replace(key_line, f'key = "{next_key}"\n'))
+    record_server.start_collector()
+    agents.stop(gateway["process"])  # and the agent restarts: what it learned is on its disk
+    gateway["process"] = agents.start(gateway["config"], gateway["log"])
+    wait_until(lambda: uplink().get("receipts", 0) >= 5, 30, "receipts signed by the new key", [gateway["process"]])
+    assert uplink().get("receipts_refused", 0) == 0
+    wait_until(lambda: len(outbox_rows(gateway["outbox"])) <= 10, 30, "the outbox to be pruned", [gateway["process"]])

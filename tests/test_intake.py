@@ -137,7 +137,7 @@ def test_hostile_and_broken_messages_are_quarantined_with_their_reason(server, b
     # (seq 3 is stored as evidence, but links to nothing: no receipt may vouch for it), with the hash there.
     wait_until(lambda: any(m.topic == "bt/v1/station-1/receipts" for m in publisher.received), 10, "receipts")
     last = [m for m in publisher.received if m.topic == "bt/v1/station-1/receipts"][-1]
-    receipt = receipts.verify(last.payload, world.server_key.public, "station-1", {s1.key.public.kid})
+    receipt = receipts.verify(last.payload, [world.server_key.public], "station-1", {s1.key.public.kid})
     assert (receipt.watermark, receipt.hash) == (2, envelope.envelope_hash(good[1]))
     publisher.close()
 

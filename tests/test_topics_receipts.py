@@ -39,14 +39,20 @@ def test_receipt_from_the_server_key_is_accepted_and_others_are_not():
     server, device_key = keys.generate(), keys.generate()
     kid = device_key.public.kid
     data = receipts.sign(receipts.Receipt("station-1", kid, 41, b"h" * 32, 1_767_225_600_000), server)
-    assert receipts.verify(data, server.public, "station-1", {kid}).watermark == 41
-    assert receipts.verify(data, server.public, "station-1", {b"old", kid}).hash == b"h" * 32  # a rotated key's
+    assert receipts.verify(data, [server.public], "station-1", {kid}).watermark == 41
+    assert receipts.verify(data, [server.public], "station-1", {b"old", kid}).hash == b"h" * 32  # a rotated key's
+    with pytest.raises(receipts.ReceiptError, match="does not trust"):
+        receipts.verify(data, [keys.generate().public], "station-1", {kid})  # signed by a key not trusted
+    impostor = keys.generate()
+    claimed = cbor.encode({1: -8, 4: server.public.kid})  # names the server's key, signed by another
+    payload = envelope.decode(data).payload
+    forged = cbor.encode(cbor.Tag(18, [claimed, {}, payload, impostor.sign(envelope._sig_structure(claimed, payload))]))
     with pytest.raises(receipts.ReceiptError, match="does not verify"):
-        receipts.verify(data, keys.generate().public, "station-1", {kid})  # forged by another key
+        receipts.verify(forged, [server.public], "station-1", {kid})
     with pytest.raises(receipts.ReceiptError, match="not a key of this device"):
-        receipts.verify(data, server.public, "station-2", {kid})
+        receipts.verify(data, [server.public], "station-2", {kid})
     with pytest.raises(receipts.ReceiptError, match="not a key of this device"):
-        receipts.verify(data, server.public, "station-1", {keys.generate().public.kid})
+        receipts.verify(data, [server.public], "station-1", {keys.generate().public.kid})
 
 
 @pytest.mark.parametrize(("watermark", "digest"), [(3, b"short"), (3, None), (0, b"h" * 32)])
@@ -56,11 +62,11 @@ def test_a_receipt_must_name_the_hash_at_its_watermark(watermark, digest):
     if digest is not None:
         m["hash"] = digest
     with pytest.raises(receipts.ReceiptError, match="hash"):
-        receipts.verify(envelope.sign(cbor.encode(m), server), server.public, "station-1", {kid})
+        receipts.verify(envelope.sign(cbor.encode(m), server), [server.public], "station-1", {kid})
 
 
 def test_an_event_signed_by_the_server_is_not_a_receipt():
     server = keys.generate()
     data = envelope.sign(b"\xa1\x64type\x65event", server)
     with pytest.raises(receipts.ReceiptError, match="not a version-1 receipt"):
-        receipts.verify(data, server.public, "station-1", {b"k"})
+        receipts.verify(data, [server.public], "station-1", {b"k"})

@@ -43,6 +43,13 @@ def server_key(path: Path, args: argparse.Namespace) -> keys.PrivateKey:
     return keys.load_private(path)
 
 
+def next_server_key(cfg: ServerConfig, args: argparse.Namespace) -> keys.PublicKey | None:
+    """The public half of [server] next_key, announced in receipts while the key is rotated."""
+    if cfg.next_key_path is None:
+        return None
+    return server_key(cfg.next_key_path, args).public
+
+
 def web_token(cfg: ServerConfig, args: argparse.Namespace) -> tuple[str, str]:
     """The dashboard's token and where it came from ($BT_WEB_TOKEN, else [web] token_file)."""
     if TOKEN_ENV in os.environ:
@@ -102,6 +109,14 @@ def init(args: argparse.Namespace) -> int:
         _create(cfg.key_path, lambda p: keys.save_private(keys.generate(), p))
         key = keys.load_private(cfg.key_path)
         print(f"server key: created {cfg.key_path} (0600); agents verify receipts with {key.public.hex}")
+    if cfg.next_key_path is not None and cfg.next_key_path.exists():
+        print(
+            f"next server key: kept {cfg.next_key_path} (public key {keys.load_private(cfg.next_key_path).public.hex})"
+        )
+    elif cfg.next_key_path is not None:
+        _create(cfg.next_key_path, lambda p: keys.save_private(keys.generate(), p))
+        nxt = keys.load_private(cfg.next_key_path).public
+        print(f"next server key: created {cfg.next_key_path} (0600), public key {nxt.hex}; receipts announce it")
     if cfg.web.listen is None:
         print("dashboard: off ([web] listen), no token needed")
     elif TOKEN_ENV in os.environ or cfg.web.token_path.exists():
@@ -125,7 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "init",
         help="create the server's signing key and dashboard token (once, before the first run)",
         description="Create what the configuration names and is missing: the receipt-signing key ([server] "
-        f"key) and the dashboard's token ([web] token_file, unless ${TOKEN_ENV} is set), from the OS RNG, "
+        "key), the next one while the key is rotated ([server] next_key) and the dashboard's token "
+        f"([web] token_file, unless ${TOKEN_ENV} is set), from the OS RNG, "
         "mode 0600. Existing files are checked and kept, never overwritten; no secret is printed. Every "
         "other command refuses to run without the key rather than make a new one.",
         epilog=EXAMPLES,

@@ -9,7 +9,7 @@ import signal
 import threading
 
 from battery_trace.server.cli.common import INVALID, OK, add_config, config
-from battery_trace.server.cli.first_run import server_key, web_token
+from battery_trace.server.cli.first_run import next_server_key, server_key, web_token
 
 log = logging.getLogger("battery-server")
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             if stop.wait(backoff):
                 return OK
             backoff = min(backoff * 2, 10.0)
-    collector = Collector(cfg.intake, store, key)
+    collector = Collector(cfg.intake, store, key, next_server_key(cfg, args))
     log.info("server key %s; store %s; broker %s:%s", key.public.hex, cfg.store_shown, cfg.intake.host, cfg.intake.port)
     collector.start()
     web = listener = web_thread = None
