@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,17 @@ async def _bad_parameter(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc), "parameter": exc.name}, status_code=400)
 
 
-def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]) -> Starlette:
-    metrics.DEVICES.read = lambda: _device_counts(store)
+def create_app(
+    store: Store,
+    token: str,
+    healthy: Callable[[], tuple[bool, str]],
+    exposition: Callable[[], bytes] | None = None,
+) -> Starlette:
+    """``healthy`` and ``exposition`` (the Prometheus text) come from the collector: in the web process
+    (server/web/process.py) they are questions over a pipe; by default, this process's metrics."""
+    if exposition is None:
+        metrics.DEVICES.read = lambda: device_counts(store)
+        exposition = partial(generate_latest, metrics.REGISTRY)
 
     async def read(fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -132,7 +142,11 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await run_in_threadpool(exposition)
+        except (TimeoutError, EOFError, OSError) as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=503)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def overview(request: Request) -> Response:
         _known(request, "window_s", "bucket_s")
@@ -193,6 +207,6 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
     return app
 
 
-def _device_counts(store: Store) -> tuple[int, int]:
+def device_counts(store: Store) -> tuple[int, int]:
     summary = store.overview(time.time(), 60, 60)
     return summary["devices_online"], summary["devices"]
