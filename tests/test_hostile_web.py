@@ -15,9 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from battery_trace.server.store import Store
 from harness import collectors, waiting
 from harness.broker import Broker, free_port
 from harness.publisher import Publisher
-from tests.event_examples import FIELDS
+from tests.event_examples import FIELDS, PACK
 from tests.world import T0, Device
 
 pytestmark = [pytest.mark.hostile, pytest.mark.integration]
@@ -36,14 +38,14 @@ TOKEN = "hostile-web-token-0123456789abcdefghij"
 NOFILE = 256  # the server's descriptor limit in these tests, as LimitNOFILE sets it in production
 
 
-def api(url: str, token: str | None = TOKEN, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
+def api(url: str, token: str | None = TOKEN, timeout: float = 10) -> tuple[int, bytes, Message]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read(), dict(response.headers)
+            return response.status, response.read(), response.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
+        return exc.code, exc.read(), exc.headers
 
 
 class Server:
@@ -165,3 +167,118 @@ def test_partial_headers_cannot_starve_the_collector(server: Server, broker: Bro
     assert not repeated or repeated[0][1] <= 20, f"a line repeated {repeated[0][1]} times: {repeated[0][0]}"
     assert server.proc.poll() is None
     assert not [line for line in lines if "Too many open files" in line], "the limits did not hold"
+
+
+# -- 6. reads are bounded -----------------------------------------------------------------------------
+
+HEALTH_EVENTS = 3000
+LATE = 600  # maintenance reported months late: one late_report finding each
+LAST_HEALTH = T0 + (HEALTH_EVENTS - 1) * 60_000
+
+
+def fill(store: Store) -> None:
+    """One battery with HEALTH_EVENTS health snapshots and LATE late maintenance reports, stored through
+    the real verification and the real batch commit."""
+    from battery_trace.server import verify
+    from battery_trace.server.records import Accepted
+
+    gw, rig = gateway(store), Device("rig-1", "maintenance", keys.generate())
+    store.enroll("rig-1", "maintenance", rig.key.public, None, 0.0)
+    now = time.time()
+    sealed = [(gw, gw.seal("health", FIELDS["health"], T0 + i * 60_000)) for i in range(HEALTH_EVENTS)]
+    repair = {**FIELDS["maintenance"], "health": {"soc_pct": 50}}
+    sealed += [(rig, rig.seal("maintenance", repair, LAST_HEALTH + (i + 1) * 1000)) for i in range(LATE)]
+    for start in range(0, len(sealed), 500):
+        batch = []
+        for device, raw in sealed[start : start + 500]:
+            parsed = verify.parse(f"bt/v1/{device.name}/events", raw, 65536)
+            outcome = verify.check(parsed, store.key(parsed.kid), now)
+            assert isinstance(outcome, Accepted), outcome
+            batch.append(outcome)
+        store.commit(batch, [], now)
+
+
+@pytest.fixture
+def filled(tmp_path: Path, broker: Broker, store_url: str) -> Iterator[Server]:
+    store = Store(store_url)
+    fill(store)
+    store.close()
+    s = Server(tmp_path / "server", broker, store_url)
+    yield s
+    s.stop()
+
+
+def pages(url: str, first: str) -> tuple[list[dict], list[int]]:
+    """Every item of a list API, following its Link headers; and the size of each page."""
+    items, sizes, path = [], [], first
+    while path:
+        code, body, headers = api(url + path)
+        assert code == 200, body[:300]
+        items += json.loads(body)
+        sizes.append(len(body))
+        link = headers.get("Link")
+        path = link.split(">", 1)[0].removeprefix("<") if link else None
+    return items, sizes
+
+
+def test_every_list_comes_a_page_at_a_time(filled: Server) -> None:
+    url = filled.url
+    code, body, _ = api(f"{url}/api/batteries/{PACK}")
+    battery = json.loads(body)
+    assert code == 200 and len(body) < 300_000, f"{len(body)} bytes for one battery"
+    assert len(battery["events"]) == 200 and battery["next"]
+    assert battery["health_count"] == HEALTH_EVENTS + LATE and len(battery["health"]) <= 200
+    first, last = battery["health"][0], battery["health"][-1]
+    assert (first["time_ms"], last["time_ms"], last["soc_pct"]) == (T0, LAST_HEALTH + LATE * 1000, 50)
+    seen, after = [], None
+    while True:  # the lifecycle alone, a page after another: each event once, in time order
+        query = "?lifecycle=1&limit=250" + (f"&after={after}" if after else "")
+        page = json.loads(api(f"{url}/api/batteries/{PACK}{query}")[1])
+        seen += page["events"]
+        if not (after := page["next"]):
+            break
+    assert [e["type"] for e in seen] == ["maintenance"] * LATE
+    assert len({(e["kid"], e["seq"]) for e in seen}) == LATE
+    assert [e["time_ms"] for e in seen] == sorted(e["time_ms"] for e in seen)
+
+    found, sizes = pages(url, "/api/findings?kind=late_report")
+    assert len(found) == LATE and len({f["id"] for f in found}) == LATE and max(sizes) < 100_000
+    assert [f["id"] for f in found] == sorted((f["id"] for f in found), reverse=True)  # newest first
+    assert len(json.loads(api(f"{url}/api/findings")[1])) == 200  # what the dashboard shows, no more
+
+    for bad, name in [
+        (f"/api/batteries/{PACK}?limit=100000", "limit"),
+        (f"/api/batteries/{PACK}?after=garbage", "after"),
+        (f"/api/batteries/{PACK}?after=1.zz.3", "after"),
+        ("/api/findings?before=inf", "before"),
+        ("/api/findings?limit=0", "limit"),
+        ("/api/rejects?before=-1", "before"),
+        ("/api/devices?limit=1e9", "limit"),
+    ]:
+        code, body, _ = api(url + bad)
+        assert code == 400 and json.loads(body)["parameter"] == name, (bad, code, body[:200])
+
+
+def test_the_cli_pages_too(filled: Server) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        config = str(filled.workdir / "server.toml")
+        return subprocess.run(
+            [sys.executable, "-m", "battery_trace.server.cli", *args, "-c", config],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    first = cli("findings", "--kind", "late_report", "--limit", "5", "--json")
+    assert first.returncode == 0, first.stderr
+    cursor = first.stderr.split("--before ", 1)[1].split()[0]
+    second = cli("findings", "--kind", "late_report", "--limit", "5", "--before", cursor, "--json")
+    ids = [f["id"] for f in json.loads(first.stdout)] + [f["id"] for f in json.loads(second.stdout)]
+    assert len(set(ids)) == 10 and ids == sorted(ids, reverse=True)
+    trace = cli("trace", PACK, "--limit", "3", "--json")
+    assert len(json.loads(trace.stdout)["events"]) == 3 and "--after" in trace.stderr
+    text = cli("trace", PACK)
+    assert text.returncode == 0 and f"health: {HEALTH_EVENTS + LATE} readings" in text.stdout
+    for bad in (("findings", "--before", "x"), ("trace", PACK, "--after", "1.2"), ("findings", "--limit", "5000")):
+        done = cli(*bad)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

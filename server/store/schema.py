@@ -121,4 +121,9 @@ MIGRATIONS: tuple[str, ...] = (
         received_at {real} NOT NULL
     );
     """,
+    # 4: a battery's events a page at a time, in time order, without a sort: 99,999 health snapshots
+    # of one battery took 3.6 s and 853 MB to answer whole; a page now reads only its own rows.
+    """
+    CREATE INDEX event_codes_page ON event_codes (code, device_time_ms, kid, seq, type);
+    """,
 )

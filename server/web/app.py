@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import time
+import urllib.parse
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from battery_trace.protocol.battery_code import normalise
 from battery_trace.server import inputs, metrics
 from battery_trace.server.rules import FINDING_KINDS
-from battery_trace.server.store import Store, StoreUnavailable
+from battery_trace.server.store import Store, StoreUnavailable, queries
 from battery_trace.server.verify import REASONS
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -85,6 +86,31 @@ def _number(request: Request, name: str, default: float, low: float, high: float
         return inputs.number(text, low, high, whole)
     except inputs.InputError as exc:
         raise BadParameter(name, str(exc)) from None
+
+
+def _cursor(request: Request, name: str, parse: Callable[[str], Any]) -> Any:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except inputs.InputError as exc:
+        raise BadParameter(name, str(exc)) from None
+
+
+def _limit(request: Request, default: int) -> int:
+    return int(_number(request, "limit", default, 1, queries.MAX_PAGE, whole=True))
+
+
+def _page(request: Request, result: Any, name: str) -> Response:
+    """A list a page at a time: the page as the body, the next page's address in ``Link`` (RFC 8288)."""
+    if isinstance(result, Response):
+        return result
+    items, following = result
+    if following is None:
+        return JSONResponse(items)
+    query = urllib.parse.urlencode({**request.query_params, name: following})
+    return JSONResponse(items, headers={"Link": f'<{request.url.path}?{query}>; rel="next"'})
 
 
 def _choice(request: Request, name: str, choices: tuple[str, ...]) -> str | None:
@@ -155,8 +181,9 @@ def create_app(
         return json_or(await read(store.overview, time.time(), window, bucket), "")
 
     async def devices(request: Request) -> Response:
-        _known(request)
-        return json_or(await read(store.devices_overview), "")
+        _known(request, "limit", "after")
+        limit = _limit(request, queries.MAX_PAGE)
+        return _page(request, await read(store.devices_overview, limit, request.query_params.get("after")), "after")
 
     async def device(request: Request) -> Response:
         _known(request)
@@ -164,30 +191,35 @@ def create_app(
         return json_or(await read(store.device, name), f"{name} is not enrolled")
 
     async def battery(request: Request) -> Response:
-        _known(request)
+        _known(request, "limit", "after", "lifecycle")
         code = normalise(request.path_params["code"])
-        return json_or(await read(store.trace, code), f"no event in the record names battery {code}")
+        limit, after = _limit(request, queries.PAGE), _cursor(request, "after", queries.event_cursor)
+        result = await read(store.trace, code, limit, after, _flag(request, "lifecycle"))
+        return json_or(result, f"no event in the record names battery {code}")
 
     async def vehicle(request: Request) -> Response:
-        _known(request)
+        _known(request, "limit", "after")
         vin = request.path_params["vin"].strip().upper()
-        return json_or(await read(store.vehicle, vin), f"no event in the record names vehicle {vin}")
+        limit, after = _limit(request, queries.PAGE), _cursor(request, "after", queries.event_cursor)
+        return json_or(await read(store.vehicle, vin, limit, after), f"no event in the record names vehicle {vin}")
 
     async def findings(request: Request) -> Response:
-        _known(request, "open", "kind")
+        _known(request, "open", "kind", "limit", "before")
         kind = _choice(request, "kind", FINDING_KINDS)
         open_only = _flag(request, "open")
-        return json_or(await read(store.findings, open_only, kind), "")
+        limit, before = _limit(request, queries.PAGE), _cursor(request, "before", queries.id_cursor)
+        return _page(request, await read(store.findings_page, open_only, kind, limit, before), "before")
 
     async def rejects(request: Request) -> Response:
-        _known(request, "reason", "limit")
+        _known(request, "reason", "limit", "before")
         reason = _choice(request, "reason", REASONS)
-        limit = int(_number(request, "limit", 100, 1, 1000, whole=True))
-        rows = await read(store.rejects, reason, None, limit)
-        if isinstance(rows, list):
-            for row in rows:
-                row.pop("raw")  # the raw bytes stay in the record: `battery-server rejects --raw`
-        return json_or(rows, "")
+        limit, before = _limit(request, 100), _cursor(request, "before", queries.id_cursor)
+        rows = await read(store.rejects, reason, None, limit + 1, before)
+        if isinstance(rows, Response):
+            return rows
+        for row in rows:
+            row.pop("raw")  # the raw bytes stay in the record: `battery-server rejects --raw`
+        return _page(request, queries.cut(rows, limit, lambda r: str(r["id"])), "before")
 
     routes = [
         Route("/", index),
