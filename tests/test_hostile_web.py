@@ -282,3 +282,34 @@ def test_the_cli_pages_too(filled: Server) -> None:
     for bad in (("findings", "--before", "x"), ("trace", PACK, "--after", "1.2"), ("findings", "--limit", "5000")):
         done = cli(*bad)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+# -- 9. browser hygiene -------------------------------------------------------------------------------
+
+
+def no_redirect(url: str, headers: dict[str, str]) -> tuple[int, Message]:
+    class Stay(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(Stay)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers
+
+
+def test_the_browser_is_told_to_keep_the_token_and_the_pages_to_themselves(server: Server) -> None:
+    behind_tls = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.0.0.9"}  # a TLS proxy on this host
+    code, headers = no_redirect(f"{server.url}/?token={TOKEN}", behind_tls)
+    assert code == 303 and TOKEN not in headers["Location"] and headers["Cache-Control"] == "no-store"
+    cookie = headers["Set-Cookie"].lower()
+    assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    code, headers = no_redirect(f"{server.url}/?token={TOKEN}", {})
+    assert code == 303 and "secure" not in headers["Set-Cookie"].lower()  # plain HTTP: Secure would lose it
+    for path, token in (("/", TOKEN), ("/api/overview", TOKEN), ("/api/overview", None), ("/healthz", None)):
+        code, _, headers = api(server.url + path, token)
+        assert headers["X-Frame-Options"] == "DENY" and headers["Referrer-Policy"] == "no-referrer", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path

@@ -49,8 +49,12 @@ class TokenAuth(BaseHTTPMiddleware):
             return await call_next(request)
         query = request.query_params.get("token")
         if self._valid(query):  # the address the server printed: move the token into a cookie, out of the URL
-            response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
-            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict")
+            response = RedirectResponse(request.url.remove_query_params("token").path, status_code=303)
+            # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
+            # browser never sends the token over plain HTTP; the redirect itself is never cached.
+            secure = request.url.scheme == "https"
+            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict", secure=secure)
+            response.headers["Cache-Control"] = "no-store"
             return response
         header = request.headers.get("authorization", "")
         bearer = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
@@ -61,6 +65,24 @@ class TokenAuth(BaseHTTPMiddleware):
         return PlainTextResponse(
             "Open the dashboard with the address the server printed (it holds the token).\n", status_code=401
         )
+
+
+# Every answer: not in a frame (clickjacking), scripts and styles only from here, no referrer to any
+# other site (an address may hold a battery code or a VIN), no content-type sniffing.
+HYGIENE = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class Hygiene(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        for name, value in HYGIENE.items():
+            response.headers.setdefault(name, value)
+        return response
 
 
 class BadParameter(Exception):
@@ -236,6 +258,7 @@ def create_app(
     ]
     app = Starlette(routes=routes, exception_handlers={BadParameter: _bad_parameter})
     app.add_middleware(TokenAuth, token=token)
+    app.add_middleware(Hygiene)  # added last, so it wraps TokenAuth's own answers (401, the redirect) too
     return app
 
 
