@@ -35,6 +35,8 @@ POSTGRES = ("postgresql://", "postgres://")
 class WebSettings:
     listen: tuple[str, int] | None  # None: no dashboard, /metrics or /healthz
     token_path: Path  # the dashboard's access token (unless $BT_WEB_TOKEN); created by `battery-server init`
+    max_connections: int = 200  # open HTTP connections at once; also kept below the process's descriptor limit
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,13 @@ def load(path: Path | None) -> ServerConfig:
     w = root.section("web")
     listen = _listen(w, "listen", "127.0.0.1:8080")
     token_path = w.path("token_file", str(key_path.parent / "web.token"))
+    dw = base.web
+    web = WebSettings(
+        listen,
+        token_path,
+        max_connections=w.integer("max_connections", dw.max_connections, low=1, high=100_000),
+        header_timeout_s=w.number("header_timeout_s", dw.header_timeout_s, low=0.5, high=300),
+    )
     w.finish()
     q = root.section("quarantine")
     dq = QuarantineLimits()
@@ -145,7 +154,7 @@ def load(path: Path | None) -> ServerConfig:
     )
     q.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake, rule_settings, WebSettings(listen, token_path), limits, next_key_path)
+    return ServerConfig(url, key_path, intake, rule_settings, web, limits, next_key_path)
 
 
 def _store_url(url: object, base_dir: Path, where: str) -> str:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from battery_trace.server import rules
+from battery_trace.server import inputs, rules
 from battery_trace.server.audit import audit_chain
 from battery_trace.server.cli.common import (
     INVALID,
@@ -26,6 +26,7 @@ from battery_trace.server.cli.common import (
     time_arg,
     whole_arg,
 )
+from battery_trace.server.store import queries
 
 
 def _event_line(e: dict[str, Any], code: str | None = None) -> str:
@@ -65,26 +66,32 @@ def _print_findings(found: list[dict[str, Any]]) -> None:
         print(f"  {f['kind']:<22} {f['subject']:<34} {f['detail']}  ({status})")
 
 
+def _more(following: str | None, flag: str, what: str) -> None:
+    """Where the next page starts, on stderr (stdout stays the page, in JSON or text)."""
+    if following is not None:
+        print(f"more {what}: add {flag} {following}", file=sys.stderr)
+
+
 def trace(args: argparse.Namespace) -> int:
     from battery_trace.protocol.battery_code import normalise
 
     code = normalise(args.code)
     store = open_store(args)
     try:
-        result = store.trace(code)
+        result = store.trace(code, args.limit, args.after, lifecycle=not args.json)
     finally:
         store.close()
     if result is None:
         print(f"no event in the record names battery {code}", file=sys.stderr)
         return INVALID
+    _more(result["next"], "--after", "events")
     if args.json:
         print_json(result)
         return OK
     where = f" in {result['vin']}" if result["vin"] else (f" at {result['place']}" if result["place"] else "")
     print(f"battery {code}: {result['state'].replace('_', ' ')}{where}; last event {iso_ms(result['last_event_ms'])}")
-    lifecycle = [e for e in result["events"] if e["type"] != "health"]
-    print(f"life ({len(lifecycle)} lifecycle events, {len(result['events']) - len(lifecycle)} health snapshots):")
-    for e in lifecycle:
+    print(f"life ({len(result['events'])} lifecycle events{' shown' if result['next'] else ''}):")
+    for e in result["events"]:
         print(_event_line(e, code))
     health = result["health"]
     if health:
@@ -95,7 +102,7 @@ def trace(args: argparse.Namespace) -> int:
             if k in first and k in last
         )
         span = f"{iso_ms(first['time_ms'])} .. {iso_ms(last['time_ms'])}"
-        print(f"health: {len(health)} readings (snapshots, swaps, maintenance), {span}: {trend}")
+        print(f"health: {result['health_count']} readings (snapshots, swaps, maintenance), {span}: {trend}")
     for name, codes in result["links"].items():
         if codes:
             print(f"{name.replace('_', ' ')}: {', '.join(codes)}")
@@ -109,12 +116,13 @@ def vehicle(args: argparse.Namespace) -> int:
     vin = args.vin.strip().upper()
     store = open_store(args)
     try:
-        result = store.vehicle(vin)
+        result = store.vehicle(vin, args.limit, args.after)
     finally:
         store.close()
     if result is None:
         print(f"no event in the record names vehicle {vin}", file=sys.stderr)
         return INVALID
+    _more(result["next"], "--after", "events")
     if args.json:
         print_json(result)
         return OK
@@ -158,9 +166,10 @@ def findings(args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
         store.sweep(time.time())  # bring time-based findings up to now
-        found = store.findings(open_only=args.open, kind=args.kind)
+        found, following = store.findings_page(args.open, args.kind, args.limit, args.before)
     finally:
         store.close()
+    _more(following, "--before", "findings (older)")
     if args.json:
         print_json(found)
         return OK
@@ -173,9 +182,11 @@ def findings(args: argparse.Namespace) -> int:
 def rejects(args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
-        rows = store.rejects(args.reason, args.since, args.limit)
+        rows = store.rejects(args.reason, args.since, args.limit + 1, args.before)
     finally:
         store.close()
+    rows, following = queries.cut(rows, args.limit, lambda r: str(r["id"]))
+    _more(following, "--before", "rejected messages (older)")
     if not args.raw:
         for r in rows:
             r.pop("raw")
@@ -264,6 +275,25 @@ def audit(args: argparse.Namespace) -> int:
     return OK if intact else INVALID
 
 
+def _paged(p: argparse.ArgumentParser, flag: str, parse: Any, help_text: str, default: int = queries.PAGE) -> None:
+    """``--limit`` and the cursor flag of a list that comes a page at a time (newest or oldest first)."""
+    high = queries.MAX_PAGE
+    p.add_argument(
+        "--limit", type=whole_arg(1, high), default=default, help=f"at most this many, 1..{high} (default: %(default)s)"
+    )
+    p.add_argument(flag, type=_cursor_arg(parse), help=help_text)
+
+
+def _cursor_arg(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except inputs.InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
 TIME_HELP = "ISO 8601 with a zone (2026-11-01T08:00:00Z), a date (UTC) or Unix seconds, 2000-01-01..2100-01-01"
 
 
@@ -279,6 +309,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=raw,
     )
     t.add_argument("code")
+    _paged(t, "--after", queries.event_cursor, "events from after this cursor (the 'more' line gives it)")
     v = sub.add_parser(
         "vehicle",
         help="a vehicle's batteries and events",
@@ -286,6 +317,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=raw,
     )
     v.add_argument("vin")
+    _paged(v, "--after", queries.event_cursor, "events from after this cursor (the 'more' line gives it)")
     d = sub.add_parser(
         "device",
         help="a device's chains: watermark, gaps, breaks, last seen",
@@ -302,6 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--open", action="store_true", help="only findings not resolved")
     f.add_argument("--kind", choices=rules.FINDING_KINDS)
+    _paged(f, "--before", queries.id_cursor, "findings older than this cursor (the 'more' line gives it)")
     r = sub.add_parser(
         "rejects",
         help="messages refused at intake, newest first",
@@ -312,9 +345,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r.add_argument("--reason", choices=REASONS)
     r.add_argument("--since", type=time_arg(), help=TIME_HELP)
-    r.add_argument(
-        "--limit", type=whole_arg(1, 100_000), default=100, help="at most this many, 1..100000 (default: %(default)s)"
-    )
+    _paged(r, "--before", queries.id_cursor, "messages older than this cursor (the 'more' line gives it)", 100)
     r.add_argument("--raw", action="store_true", help="include the raw bytes (hex)")
     e = sub.add_parser(
         "export",

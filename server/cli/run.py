@@ -1,5 +1,6 @@
 """``run``: the collector, the device status listener and the web (dashboard, JSON API, /metrics,
-/healthz), until SIGTERM or Ctrl-C."""
+/healthz), until SIGTERM or Ctrl-C. The web server runs in a child process (server/web/process.py), so
+that no HTTP client can take the collector's file descriptors."""
 
 from __future__ import annotations
 
@@ -7,20 +8,27 @@ import argparse
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from battery_trace.server.cli.common import INVALID, OK, add_config, config
 from battery_trace.server.cli.first_run import next_server_key, server_key, web_token
+
+if TYPE_CHECKING:
+    from battery_trace.server.config import ServerConfig
+    from battery_trace.server.intake import Collector
+    from battery_trace.server.store import Store
+    from battery_trace.server.web.process import WebProcess
 
 log = logging.getLogger("battery-server")
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from battery_trace.server import log_limit
     from battery_trace.server.intake import Collector
     from battery_trace.server.store import Store, StoreUnavailable
-    from battery_trace.server.web.app import create_app
     from battery_trace.server.web.status_listener import StatusListener
 
+    log_limit.install()
     cfg = config(args)
     key = server_key(cfg.key_path, args)
     token, token_from = web_token(cfg, args) if cfg.web.listen else ("", "")  # refused before anything starts
@@ -40,35 +48,43 @@ def run(args: argparse.Namespace) -> int:
     collector = Collector(cfg.intake, store, key, next_server_key(cfg, args))
     log.info("server key %s; store %s; broker %s:%s", key.public.hex, cfg.store_shown, cfg.intake.host, cfg.intake.port)
     collector.start()
-    web = listener = web_thread = None
+    web = listener = None
     if cfg.web.listen:
         host, port = cfg.web.listen
-
-        def healthy() -> tuple[bool, str]:
-            problems = [] if collector.connected.is_set() else ["not subscribed at the broker"]
-            if not collector.store_ok.is_set():
-                problems.append("store unavailable")
-            return not problems, "; ".join(problems) or "ok"
-
-        app = create_app(store, token, healthy)
-        web = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-        web_thread = threading.Thread(target=web.run, name="web", daemon=True)
-        web_thread.start()
+        web = _web_process(cfg, token, collector, store)
+        web.start()
         listener = StatusListener(cfg.intake.host, cfg.intake.port, cfg.intake.client_id, store, cfg.intake.tls)
         listener.start()
         log.info("dashboard: http://%s:%d/?token=TOKEN, TOKEN from %s", host, port, token_from)
     try:
         collector.run(stop)
     finally:
-        if web is not None and web_thread is not None:
-            web.should_exit = True
-            web_thread.join(timeout=10)
+        if web is not None:
+            web.stop()
         if listener is not None:
             listener.stop()
         collector.stop()
         store.close()
         log.info("stopped: %s", dict(collector.counters))
     return OK if collector.failure is None else INVALID
+
+
+def _web_process(cfg: ServerConfig, token: str, collector: Collector, store: Store) -> WebProcess:
+    """The web process, and the answers it asks the collector for (/healthz, /metrics)."""
+    from battery_trace.server import metrics
+    from battery_trace.server.web.app import device_counts
+    from battery_trace.server.web.process import WebJob, WebProcess
+    from prometheus_client import generate_latest
+
+    def healthy() -> tuple[bool, str]:
+        problems = [] if collector.connected.is_set() else ["not subscribed at the broker"]
+        if not collector.store_ok.is_set():
+            problems.append("store unavailable")
+        return not problems, "; ".join(problems) or "ok"
+
+    metrics.DEVICES.read = lambda: device_counts(store)
+    job = WebJob(cfg.web, cfg.store_url, cfg.rules, token, logging.getLogger().getEffectiveLevel())
+    return WebProcess(job, {"health": healthy, "metrics": lambda: generate_latest(metrics.REGISTRY)})
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -169,13 +169,24 @@ class Store:
         with self.db.reading() as tx:
             return queries.findings(tx, open_only, kind, subject)
 
-    def trace(self, code: str) -> dict | None:
+    def findings_page(
+        self,
+        open_only: bool = False,
+        kind: str | None = None,
+        limit: int = queries.PAGE,
+        before: int | None = None,
+        subject: str | None = None,
+    ) -> queries.Page:
         with self.db.reading() as tx:
-            return queries.trace(tx, code)
+            return queries.findings_page(tx, open_only, kind, subject, limit, before)
 
-    def vehicle(self, vin: str) -> dict | None:
+    def trace(self, code: str, limit: int = queries.PAGE, after: Any = None, lifecycle: bool = False) -> dict | None:
         with self.db.reading() as tx:
-            return queries.vehicle(tx, vin)
+            return queries.trace(tx, code, limit, after, lifecycle)
+
+    def vehicle(self, vin: str, limit: int = queries.PAGE, after: Any = None) -> dict | None:
+        with self.db.reading() as tx:
+            return queries.vehicle(tx, vin, limit, after)
 
     def device(self, device: str) -> dict | None:
         with self.db.reading() as tx:
@@ -185,9 +196,11 @@ class Store:
         with self.db.reading() as tx:
             return registry.device_keys(tx, device)
 
-    def rejects(self, reason: str | None = None, since: float | None = None, limit: int = 100) -> list[dict]:
+    def rejects(
+        self, reason: str | None = None, since: float | None = None, limit: int = 100, before: int | None = None
+    ) -> list[dict]:
         with self.db.reading() as tx:
-            return queries.rejects(tx, reason, since, limit)
+            return queries.rejects(tx, reason, since, limit, before)
 
     def record_status(self, device: str, status: dict[str, Any], at: float) -> None:
         """What a device says on its retained status topic; kept for the dashboard, not as evidence."""
@@ -221,9 +234,9 @@ class Store:
         with self.db.reading() as tx:
             return queries.overview(tx, now, window_s, bucket_s)
 
-    def devices_overview(self) -> list[dict[str, Any]]:
+    def devices_overview(self, limit: int = queries.MAX_PAGE, after: str | None = None) -> queries.Page:
         with self.db.reading() as tx:
-            return queries.devices_overview(tx)
+            return queries.devices_overview(tx, limit, after)
 
     def export(self, since: float, until: float, by_time: bool = False) -> Iterator[tuple]:
         """Rows (device, kid, seq, type, vin, time_ms, received_at, fields, hash, envelope), streamed."""

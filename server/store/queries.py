@@ -4,11 +4,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from battery_trace.protocol import cbor, envelope
 from battery_trace.protocol.events import COMMON_FIELDS
+from battery_trace.server import inputs
 from battery_trace.server.store.db import Tx
+
+# Every list a person or a dashboard asks for comes a page at a time: one battery with 99,999 health
+# snapshots answered 136 MB of JSON; 20,000 findings, 5.4 MB to every open dashboard every 5 s.
+PAGE = 200  # default page
+MAX_PAGE = 1000
+HEALTH_POINTS = 200  # a health series is summarised to at most this many readings (at least 2), evenly spaced
+MAX_LINKED = 1000  # produced/repurposed events read to find a battery's links
+HEALTH_TYPES = ("health", "maintenance", "swapped")
+Page = tuple[list[dict[str, Any]], str | None]  # the items and the cursor of the next page (None: no more)
+
+
+def event_cursor(text: str) -> tuple[int, bytes, int]:
+    """The cursor of an event page (``TIME_MS.KID.SEQ``, as a page's ``next`` gives it)."""
+    valid = "valid: the 'next' of the previous page, TIME_MS.KID.SEQ"
+    parts = text.split(".")
+    if len(parts) != 3:
+        raise inputs.InputError(f"{text[:80]!r} is not a cursor; {valid}")
+    try:
+        kid = bytes.fromhex(parts[1])
+    except ValueError:
+        raise inputs.InputError(f"{text[:80]!r} is not a cursor (its key id is not hex); {valid}") from None
+    if not 1 <= len(kid) <= 64:
+        raise inputs.InputError(f"{text[:80]!r} is not a cursor (its key id is 1-64 bytes); {valid}")
+    time_ms = inputs.whole(parts[0], -(2**63), 2**63 - 1)
+    return time_ms, kid, inputs.whole(parts[2], 0, 2**63 - 1)
+
+
+def id_cursor(text: str) -> int:
+    """The cursor of a page of findings or rejects: the id the next page starts below."""
+    return inputs.whole(text, 1, 2**63 - 1)
 
 
 def event_fields(raw: bytes) -> dict[str, Any]:
@@ -35,7 +67,7 @@ def chain(tx: Tx, kid: bytes) -> list[tuple[int, bytes]]:
     return [(r[0], r[1]) for r in tx.all("SELECT seq, envelope FROM events WHERE kid = ? ORDER BY seq", (kid,))]
 
 
-def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> list[dict[str, Any]]:
+def _findings_where(open_only: bool, kind: str | None, subject: str | None) -> tuple[str, list[Any]]:
     sql = "SELECT id, kind, subject, ref_kid, ref_seq, detail, raised_at, resolved_at FROM findings WHERE 1 = 1"
     params: list[Any] = []
     if open_only:
@@ -46,7 +78,35 @@ def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> 
     if subject:
         sql += " AND subject = ?"
         params.append(subject)
-    rows = tx.all(sql + " ORDER BY raised_at, id", params)
+    return sql, params
+
+
+def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> list[dict[str, Any]]:
+    """Every finding that matches, oldest first: for the rules, exports and tests, not for people."""
+    sql, params = _findings_where(open_only, kind, subject)
+    return _finding_rows(tx.all(sql + " ORDER BY raised_at, id", params))
+
+
+def findings_page(
+    tx: Tx, open_only: bool, kind: str | None, subject: str | None, limit: int, before: int | None
+) -> Page:
+    """Findings newest first (by id, the order they were raised in), ``limit`` of them below ``before``."""
+    sql, params = _findings_where(open_only, kind, subject)
+    if before is not None:
+        sql += " AND id < ?"
+        params.append(before)
+    found = _finding_rows(tx.all(sql + " ORDER BY id DESC LIMIT ?", [*params, limit + 1]))
+    return cut(found, limit, lambda f: str(f["id"]))
+
+
+def cut(items: list[dict[str, Any]], limit: int, cursor: Any) -> Page:
+    """A page of at most ``limit`` from ``limit + 1`` items read: the extra one says there is more."""
+    if len(items) <= limit:
+        return items, None
+    return items[:limit], cursor(items[limit - 1])
+
+
+def _finding_rows(rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     return [
         {
             "id": r[0],
@@ -64,25 +124,28 @@ def findings(tx: Tx, open_only: bool, kind: str | None, subject: str | None) -> 
 def event_rows(
     tx: Tx, where: str, params: list[Any], order: str = "e.device_time_ms, e.received_at, e.kid, e.seq"
 ) -> list[dict]:
+    """Events matching ``where`` in ``order`` (empty: ``where`` orders and limits them itself)."""
     rows = tx.all(
         "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash "
-        f"FROM events e WHERE {where} ORDER BY {order}",
+        f"FROM events e WHERE {where}" + (f" ORDER BY {order}" if order else ""),
         params,
     )
-    return [
-        {
-            "device": r[2],
-            "kid": r[0].hex(),
-            "seq": r[1],
-            "type": r[3],
-            "vin": r[4],
-            "time_ms": r[5],
-            "received_at": r[6],
-            "fields": event_fields(r[7]),
-            "hash": r[8].hex(),
-        }
-        for r in rows
-    ]
+    return [_event(r) for r in rows]
+
+
+def _event(r: tuple[Any, ...]) -> dict[str, Any]:
+    """An event for people: from (kid, seq, device, type, vin, device_time_ms, received_at, envelope, hash)."""
+    return {
+        "device": r[2],
+        "kid": r[0].hex(),
+        "seq": r[1],
+        "type": r[3],
+        "vin": r[4],
+        "time_ms": r[5],
+        "received_at": r[6],
+        "fields": event_fields(r[7]),
+        "hash": r[8].hex(),
+    }
 
 
 def _battery_row(tx: Tx, code: str) -> dict[str, Any] | None:
@@ -97,25 +160,97 @@ def _battery_row(tx: Tx, code: str) -> dict[str, Any] | None:
     return dict(zip(keys, row, strict=True))
 
 
-def trace(tx: Tx, code: str) -> dict[str, Any] | None:
-    """A battery's whole life: its state, every event naming it in time order, health trend, findings, links."""
+def trace(
+    tx: Tx,
+    code: str,
+    limit: int = PAGE,
+    after: tuple[int, bytes, int] | None = None,
+    lifecycle: bool = False,
+    points: int = HEALTH_POINTS,
+) -> dict[str, Any] | None:
+    """A battery's life: its state, a page of the events naming it in time order (``lifecycle``: without
+    health snapshots), its health trend summarised to ``points`` readings, its links and findings."""
     battery = _battery_row(tx, code)
     if battery is None:
         return None
-    events = event_rows(
-        tx,
-        "EXISTS (SELECT 1 FROM event_codes c WHERE c.kid = e.kid AND c.seq = e.seq AND c.code = ?)",
-        [code],
-    )
-    roles = {
-        (kid.hex(), seq): field
-        for kid, seq, field in tx.all("SELECT kid, seq, field FROM event_codes WHERE code = ?", (code,))
+    events, following = battery_events(tx, code, limit, after, lifecycle)
+    health, count = health_series(tx, code, points)
+    found, more = findings_page(tx, False, None, f"battery:{code}", MAX_PAGE, None)
+    return {
+        "code": code,
+        **battery,
+        "events": events,
+        "next": following,
+        "health": health,
+        "health_count": count,
+        "links": _links(tx, code),
+        "findings": found,
+        "findings_next": more,
     }
-    for e in events:
-        e["as"] = roles.get((e["kid"], e["seq"]))
-    health = [{"time_ms": e["time_ms"], **_health_of(e, code)} for e in events if _health_of(e, code)]
+
+
+def battery_events(tx: Tx, code: str, limit: int, after: tuple[int, bytes, int] | None, lifecycle: bool) -> Page:
+    """Events naming ``code``, oldest first, from the index (code, time, kid, seq): a page reads its rows only."""
+    where = "c.code = ?" + (" AND c.type <> 'health'" if lifecycle else "")
+    params: list[Any] = [code]
+    if after is not None:
+        where += " AND (c.device_time_ms, c.kid, c.seq) > (?, ?, ?)"
+        params += list(after)
+    rows = tx.all(
+        "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash, c.field "
+        f"FROM event_codes c JOIN events e ON e.kid = c.kid AND e.seq = c.seq WHERE {where} "
+        "ORDER BY c.device_time_ms, c.kid, c.seq, c.field LIMIT ?",
+        [*params, limit + 1],
+    )
+    events: list[dict[str, Any]] = []
+    for r in rows:  # an event naming the battery in two fields comes twice: once is enough
+        if events and (events[-1]["kid"], events[-1]["seq"]) == (r[0].hex(), r[1]):
+            continue
+        events.append({**_event(r), "as": r[9]})
+    page, following = cut(events, limit, _event_cursor)
+    if following is None and len(rows) > limit:  # duplicates made the page short; there may be more
+        following = _event_cursor(page[-1])
+    return page, following
+
+
+def _event_cursor(e: dict[str, Any]) -> str:
+    return f"{e['time_ms']}.{e['kid']}.{e['seq']}"
+
+
+def health_series(tx: Tx, code: str, points: int) -> tuple[list[dict[str, Any]], int]:
+    """At most ``points`` of the battery's health readings (snapshots, swaps, maintenance), evenly spaced
+    in time order with the first and the last, and how many there are: only those are decoded."""
+    kinds = ", ".join(f"'{t}'" for t in HEALTH_TYPES)
+    count = tx.value(f"SELECT COUNT(*) FROM event_codes WHERE code = ? AND type IN ({kinds})", (code,))
+    if not count:
+        return [], 0
+    step = max(1, math.ceil(count / (points - 1)))  # at most points - 1 picks, then the last one
+    rows = tx.all(
+        "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash FROM ("
+        "SELECT kid, seq, ROW_NUMBER() OVER (ORDER BY device_time_ms, kid, seq, field) AS n "
+        f"FROM event_codes WHERE code = ? AND type IN ({kinds})) s "
+        "JOIN events e ON e.kid = s.kid AND e.seq = s.seq WHERE (s.n - 1) / ? * ? = s.n - 1 OR s.n = ? ORDER BY s.n",
+        (code, step, step, count),  # every step-th by integer division: no % in SQL both backends read alike
+    )
+    series = []
+    for r in rows:
+        e = _event(r)
+        reading = _health_of(e, code)
+        if reading:
+            series.append({"time_ms": e["time_ms"], **reading})
+    return series, count
+
+
+def _links(tx: Tx, code: str) -> dict[str, list[str]]:
+    """Parts, the pack it is part of, and second-life codes: from the produced and repurposed events."""
+    rows = tx.all(
+        "SELECT e.kid, e.seq, e.device, e.type, e.vin, e.device_time_ms, e.received_at, e.envelope, e.hash "
+        "FROM event_codes c JOIN events e ON e.kid = c.kid AND e.seq = c.seq "
+        "WHERE c.code = ? AND c.type IN ('produced', 'repurposed') ORDER BY c.device_time_ms, c.kid, c.seq LIMIT ?",
+        (code, MAX_LINKED),
+    )
     links: dict[str, list[str]] = {"parts": [], "part_of": [], "second_life": [], "first_life": []}
-    for e in events:
+    for e in map(_event, rows):
         f = e["fields"]
         if e["type"] == "produced" and f.get("code") == code:
             links["parts"].extend(f.get("children", []))
@@ -125,14 +260,7 @@ def trace(tx: Tx, code: str) -> dict[str, Any] | None:
             (links["second_life"] if f.get("code") == code else links["first_life"]).append(
                 f["new_code"] if f.get("code") == code else f["code"]
             )
-    return {
-        "code": code,
-        **battery,
-        "events": events,
-        "health": health,
-        "links": links,
-        "findings": findings(tx, False, None, f"battery:{code}"),
-    }
+    return {name: list(dict.fromkeys(codes)) for name, codes in links.items()}
 
 
 def _health_of(e: dict[str, Any], code: str) -> dict[str, Any]:
@@ -144,17 +272,27 @@ def _health_of(e: dict[str, Any], code: str) -> dict[str, Any]:
     return {}
 
 
-def vehicle(tx: Tx, vin: str) -> dict[str, Any] | None:
+def vehicle(tx: Tx, vin: str, limit: int = PAGE, after: tuple[int, bytes, int] | None = None) -> dict[str, Any] | None:
+    """A vehicle's batteries, a page of its events in time order, and its findings."""
     row = tx.one("SELECT state, batteries, last_event_ms FROM vehicles WHERE vin = ?", (vin,))
     if row is None:
         return None
+    where, params = "e.vin = ?", [vin]
+    if after is not None:
+        where += " AND (e.device_time_ms, e.kid, e.seq) > (?, ?, ?)"
+        params += list(after)
+    events = event_rows(tx, f"{where} ORDER BY e.device_time_ms, e.kid, e.seq LIMIT ?", [*params, limit + 1], "")
+    page, following = cut(events, limit, _event_cursor)
+    found, more = findings_page(tx, False, None, f"vehicle:{vin}", MAX_PAGE, None)
     return {
         "vin": vin,
         "state": row[0],
         "batteries": json.loads(row[1]),
         "last_event_ms": row[2],
-        "events": event_rows(tx, "e.vin = ?", [vin]),
-        "findings": findings(tx, False, None, f"vehicle:{vin}"),
+        "events": page,
+        "next": following,
+        "findings": found,
+        "findings_next": more,
     }
 
 
@@ -216,16 +354,22 @@ def device(tx: Tx, device_id: str) -> dict[str, Any] | None:
     }
 
 
-def rejects(tx: Tx, reason: str | None, since: float | None, limit: int) -> list[dict[str, Any]]:
+def rejects(
+    tx: Tx, reason: str | None, since: float | None, limit: int, before: int | None = None
+) -> list[dict[str, Any]]:
+    """Quarantined messages newest first, at most ``limit``, with ids below ``before`` (a page's cursor)."""
     sql = "SELECT id, received_at, topic, device, reason, detail, raw, size, sha256 FROM quarantine WHERE 1 = 1"
     params: list[Any] = []
+    if before is not None:
+        sql += " AND id < ?"
+        params.append(before)
     if reason:
         sql += " AND reason = ?"
         params.append(reason)
     if since is not None:
         sql += " AND received_at >= ?"
         params.append(since)
-    rows = tx.all(sql + " ORDER BY received_at DESC, id DESC LIMIT ?", [*params, limit])
+    rows = tx.all(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
     return [
         {
             "id": r[0],
@@ -278,8 +422,9 @@ def overview(tx: Tx, now: float, window_s: float, bucket_s: float) -> dict[str, 
     }
 
 
-def devices_overview(tx: Tx) -> list[dict[str, Any]]:
-    """Every device with its role, chain, what it last said about itself, and when it was last heard."""
+def devices_overview(tx: Tx, limit: int = MAX_PAGE, after: str | None = None) -> Page:
+    """Devices by name after ``after``, each with its role, chain, what it last said about itself, and
+    when it was last heard; at most ``limit``."""
     rows = tx.all(
         "SELECT d.device, d.role, d.org, s.state, s.backlog, s.oldest_unreceipted_s, s.alarm, s.received_at, "
         "(SELECT MAX(c.last_received_at) FROM chains c WHERE c.device = d.device), "
@@ -288,9 +433,10 @@ def devices_overview(tx: Tx) -> list[dict[str, Any]]:
         "(SELECT COUNT(*) FROM findings f WHERE f.subject = 'device:' || d.device AND f.kind = 'chain_break' "
         "AND f.resolved_at IS NULL), "
         "(SELECT COUNT(*) FROM quarantine q WHERE q.device = d.device) "
-        "FROM devices d LEFT JOIN device_status s ON s.device = d.device ORDER BY d.device"
+        "FROM devices d LEFT JOIN device_status s ON s.device = d.device WHERE d.device > ? ORDER BY d.device LIMIT ?",
+        (after or "", limit + 1),
     )
-    return [
+    listed = [
         {
             "device": r[0],
             "role": r[1],
@@ -307,3 +453,4 @@ def devices_overview(tx: Tx) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+    return cut(listed, limit, lambda d: d["device"])

@@ -152,4 +152,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE vehicles ADD COLUMN applied_seq BIGINT;
     CREATE INDEX event_codes_lifecycle ON event_codes (code, type) WHERE type <> 'health';
     """,
+    # 6: a battery's events a page at a time, in time order, without a sort: 99,999 health snapshots
+    # of one battery took 3.6 s and 853 MB to answer whole; a page now reads only its own rows.
+    """
+    CREATE INDEX event_codes_page ON event_codes (code, device_time_ms, kid, seq, type);
+    """,
 )

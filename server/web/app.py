@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hmac
 import time
+import urllib.parse
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from battery_trace.protocol.battery_code import normalise
 from battery_trace.server import inputs, metrics
 from battery_trace.server.rules import FINDING_KINDS
-from battery_trace.server.store import Store, StoreUnavailable
+from battery_trace.server.store import Store, StoreUnavailable, queries
 from battery_trace.server.verify import REASONS
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -47,8 +49,12 @@ class TokenAuth(BaseHTTPMiddleware):
             return await call_next(request)
         query = request.query_params.get("token")
         if self._valid(query):  # the address the server printed: move the token into a cookie, out of the URL
-            response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
-            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict")
+            response = RedirectResponse(request.url.remove_query_params("token").path, status_code=303)
+            # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
+            # browser never sends the token over plain HTTP; the redirect itself is never cached.
+            secure = request.url.scheme == "https"
+            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict", secure=secure)
+            response.headers["Cache-Control"] = "no-store"
             return response
         header = request.headers.get("authorization", "")
         bearer = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
@@ -59,6 +65,24 @@ class TokenAuth(BaseHTTPMiddleware):
         return PlainTextResponse(
             "Open the dashboard with the address the server printed (it holds the token).\n", status_code=401
         )
+
+
+# Every answer: not in a frame (clickjacking), scripts and styles only from here, no referrer to any
+# other site (an address may hold a battery code or a VIN), no content-type sniffing.
+HYGIENE = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class Hygiene(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        for name, value in HYGIENE.items():
+            response.headers.setdefault(name, value)
+        return response
 
 
 class BadParameter(Exception):
@@ -86,6 +110,31 @@ def _number(request: Request, name: str, default: float, low: float, high: float
         raise BadParameter(name, str(exc)) from None
 
 
+def _cursor(request: Request, name: str, parse: Callable[[str], Any]) -> Any:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except inputs.InputError as exc:
+        raise BadParameter(name, str(exc)) from None
+
+
+def _limit(request: Request, default: int) -> int:
+    return int(_number(request, "limit", default, 1, queries.MAX_PAGE, whole=True))
+
+
+def _page(request: Request, result: Any, name: str) -> Response:
+    """A list a page at a time: the page as the body, the next page's address in ``Link`` (RFC 8288)."""
+    if isinstance(result, Response):
+        return result
+    items, following = result
+    if following is None:
+        return JSONResponse(items)
+    query = urllib.parse.urlencode({**request.query_params, name: following})
+    return JSONResponse(items, headers={"Link": f'<{request.url.path}?{query}>; rel="next"'})
+
+
 def _choice(request: Request, name: str, choices: tuple[str, ...]) -> str | None:
     value = request.query_params.get(name) or None
     if value is not None and value not in choices:
@@ -108,8 +157,17 @@ async def _bad_parameter(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc), "parameter": exc.name}, status_code=400)
 
 
-def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]) -> Starlette:
-    metrics.DEVICES.read = lambda: _device_counts(store)
+def create_app(
+    store: Store,
+    token: str,
+    healthy: Callable[[], tuple[bool, str]],
+    exposition: Callable[[], bytes] | None = None,
+) -> Starlette:
+    """``healthy`` and ``exposition`` (the Prometheus text) come from the collector: in the web process
+    (server/web/process.py) they are questions over a pipe; by default, this process's metrics."""
+    if exposition is None:
+        metrics.DEVICES.read = lambda: device_counts(store)
+        exposition = partial(generate_latest, metrics.REGISTRY)
 
     async def read(fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -132,7 +190,11 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         return PlainTextResponse(why + "\n", status_code=200 if ok else 503)
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await run_in_threadpool(exposition)
+        except (TimeoutError, EOFError, OSError) as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=503)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def overview(request: Request) -> Response:
         _known(request, "window_s", "bucket_s")
@@ -141,8 +203,9 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         return json_or(await read(store.overview, time.time(), window, bucket), "")
 
     async def devices(request: Request) -> Response:
-        _known(request)
-        return json_or(await read(store.devices_overview), "")
+        _known(request, "limit", "after")
+        limit = _limit(request, queries.MAX_PAGE)
+        return _page(request, await read(store.devices_overview, limit, request.query_params.get("after")), "after")
 
     async def device(request: Request) -> Response:
         _known(request)
@@ -150,30 +213,35 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
         return json_or(await read(store.device, name), f"{name} is not enrolled")
 
     async def battery(request: Request) -> Response:
-        _known(request)
+        _known(request, "limit", "after", "lifecycle")
         code = normalise(request.path_params["code"])
-        return json_or(await read(store.trace, code), f"no event in the record names battery {code}")
+        limit, after = _limit(request, queries.PAGE), _cursor(request, "after", queries.event_cursor)
+        result = await read(store.trace, code, limit, after, _flag(request, "lifecycle"))
+        return json_or(result, f"no event in the record names battery {code}")
 
     async def vehicle(request: Request) -> Response:
-        _known(request)
+        _known(request, "limit", "after")
         vin = request.path_params["vin"].strip().upper()
-        return json_or(await read(store.vehicle, vin), f"no event in the record names vehicle {vin}")
+        limit, after = _limit(request, queries.PAGE), _cursor(request, "after", queries.event_cursor)
+        return json_or(await read(store.vehicle, vin, limit, after), f"no event in the record names vehicle {vin}")
 
     async def findings(request: Request) -> Response:
-        _known(request, "open", "kind")
+        _known(request, "open", "kind", "limit", "before")
         kind = _choice(request, "kind", FINDING_KINDS)
         open_only = _flag(request, "open")
-        return json_or(await read(store.findings, open_only, kind), "")
+        limit, before = _limit(request, queries.PAGE), _cursor(request, "before", queries.id_cursor)
+        return _page(request, await read(store.findings_page, open_only, kind, limit, before), "before")
 
     async def rejects(request: Request) -> Response:
-        _known(request, "reason", "limit")
+        _known(request, "reason", "limit", "before")
         reason = _choice(request, "reason", REASONS)
-        limit = int(_number(request, "limit", 100, 1, 1000, whole=True))
-        rows = await read(store.rejects, reason, None, limit)
-        if isinstance(rows, list):
-            for row in rows:
-                row.pop("raw")  # the raw bytes stay in the record: `battery-server rejects --raw`
-        return json_or(rows, "")
+        limit, before = _limit(request, 100), _cursor(request, "before", queries.id_cursor)
+        rows = await read(store.rejects, reason, None, limit + 1, before)
+        if isinstance(rows, Response):
+            return rows
+        for row in rows:
+            row.pop("raw")  # the raw bytes stay in the record: `battery-server rejects --raw`
+        return _page(request, queries.cut(rows, limit, lambda r: str(r["id"])), "before")
 
     routes = [
         Route("/", index),
@@ -190,9 +258,10 @@ def create_app(store: Store, token: str, healthy: Callable[[], tuple[bool, str]]
     ]
     app = Starlette(routes=routes, exception_handlers={BadParameter: _bad_parameter})
     app.add_middleware(TokenAuth, token=token)
+    app.add_middleware(Hygiene)  # added last, so it wraps TokenAuth's own answers (401, the redirect) too
     return app
 
 
-def _device_counts(store: Store) -> tuple[int, int]:
+def device_counts(store: Store) -> tuple[int, int]:
     summary = store.overview(time.time(), 60, 60)
     return summary["devices_online"], summary["devices"]

@@ -64,7 +64,7 @@ async function refreshFindings() {
   const kind = $("findings-kind").value;
   const query = new URLSearchParams({ open: $("findings-open").checked ? "1" : "0", ...(kind ? { kind } : {}) });
   const found = await api(`/api/findings?${query}`);
-  rows($("findings").tBodies[0], found.slice(-200).reverse(), (f) => `<td>${esc(f.kind)}</td><td>${esc(f.subject)}</td>`
+  rows($("findings").tBodies[0], found, (f) => `<td>${esc(f.kind)}</td><td>${esc(f.subject)}</td>`
     + `<td>${esc(f.detail)}</td><td>${when(f.raised_at)}</td>`
     + `<td class="${f.resolved_at ? "ok" : "bad"}">${f.resolved_at ? "resolved" : "open"}</td>`, "no finding");
 }
@@ -92,22 +92,22 @@ function eventLine(e, code) {
   return `<li><b>${esc(e.type)}</b> ${esc(what ? what() : "")} <span class="muted">${when(e.time_ms / 1000)} · ${esc(e.device)} #${e.seq}</span></li>`;
 }
 
-function healthChart(points) {
+function healthChart(points, count) {
   const socs = points.filter((p) => p.soc_pct !== undefined).map((p) => p.soc_pct);
   if (socs.length < 2) return "";
   return `<svg id="health-chart" viewBox="0 0 400 120" preserveAspectRatio="none" role="img" aria-label="state of charge">`
-    + polyline(socs, 100, 400, 120, "accepted") + `<text x="4" y="12" font-size="10" fill="#6b7280">SOC %, ${socs.length} readings</text></svg>`;
+    + polyline(socs, 100, 400, 120, "accepted") + `<text x="4" y="12" font-size="10" fill="#6b7280">SOC %, ${socs.length} of ${fmt(count)} readings</text></svg>`;
 }
 
 async function showBattery(code) {
   const target = $("battery");
   try {
-    const t = await api(`/api/batteries/${encodeURIComponent(code)}`);
-    const life = t.events.filter((e) => e.type !== "health");
+    const t = await api(`/api/batteries/${encodeURIComponent(code)}?lifecycle=1`);
+    const life = t.events;
     const where = t.vin ? `in ${t.vin}` : t.place ? `at ${t.place}` : "";
     target.innerHTML = `<p><b id="battery-state">${esc(t.state.replaceAll("_", " "))}</b> ${esc(where)}</p>`
       + `<ol class="timeline" id="battery-timeline">${life.map((e) => eventLine(e, t.code)).join("")}</ol>`
-      + healthChart(t.health)
+      + healthChart(t.health, t.health_count)
       + (t.findings.length ? `<p>findings: ${t.findings.map((f) => `<span class="${f.resolved_at ? "ok" : "bad"}">${esc(f.kind)}</span>`).join(", ")}</p>` : "");
   } catch (error) {
     target.innerHTML = `<p class="error">${esc(error.message)}</p>`;
