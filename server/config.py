@@ -48,6 +48,7 @@ class ServerConfig:
     web: WebSettings
     quarantine: QuarantineLimits = field(default_factory=QuarantineLimits)
     next_key_path: Path | None = None  # while the server's key is rotated: the key it signs with next
+    crl_path: Path | None = None  # the broker's CRL, watched so that its expiry is heard in time
 
     @property
     def store_shown(self) -> str:
@@ -146,6 +147,9 @@ def load(path: Path | None) -> ServerConfig:
         header_timeout_s=w.number("header_timeout_s", dw.header_timeout_s, low=0.5, high=300),
     )
     w.finish()
+    p = root.section("pki")
+    crl_path = p.path("crl", None)
+    p.finish()
     q = root.section("quarantine")
     dq = QuarantineLimits()
     limits = QuarantineLimits(
@@ -154,7 +158,7 @@ def load(path: Path | None) -> ServerConfig:
     )
     q.finish()
     root.finish()
-    return ServerConfig(url, key_path, intake, rule_settings, web, limits, next_key_path)
+    return ServerConfig(url, key_path, intake, rule_settings, web, limits, next_key_path, crl_path)
 
 
 def _store_url(url: object, base_dir: Path, where: str) -> str:

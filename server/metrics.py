@@ -81,3 +81,23 @@ class DeviceGauges(Collector):
 
 DEVICES = DeviceGauges()
 REGISTRY.register(DEVICES)
+
+
+class CrlGauge(Collector):
+    """When the broker's CRL runs out ([pki] crl), read from the file at scrape time."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], float | None] | None = None  # set by `run` when [pki] crl is configured
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        value = self.read() if self.read is not None else None
+        if value is not None:
+            yield GaugeMetricFamily(
+                "bt_server_crl_next_update_timestamp_seconds",
+                "When the broker's CRL runs out (Unix time); the broker then refuses every client.",
+                value,
+            )
+
+
+CRL = CrlGauge()
+REGISTRY.register(CRL)

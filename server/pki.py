@@ -116,6 +116,36 @@ def _pem(cert: x509.Certificate | x509.CertificateRevocationList) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def crl_next_update(path: Path) -> dt.datetime | None:
+    """When the broker starts refusing every client unless the CRL at ``path`` is re-signed; None if
+    there is no readable CRL (which the broker refuses just the same)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return crl.next_update_utc
+
+
+# The collector warns (/healthz, the dashboard's health) this long before the broker's CRL runs out;
+# the renewal timer re-signs it RENEW_DAYS before.
+CRL_WARN_DAYS = 14
+
+
+def crl_problem(path: Path, now: dt.datetime) -> str | None:
+    """What an operator must hear about the broker's CRL, or None while it has time left."""
+    next_update = crl_next_update(path)
+    if next_update is None:
+        return f"the broker's CRL {path} cannot be read; the broker refuses every client without one"
+    left = next_update - now
+    if left > dt.timedelta(days=CRL_WARN_DAYS):
+        return None
+    when = "ran out" if left.total_seconds() <= 0 else f"runs out in {left.days} days"
+    return (
+        f"the broker's CRL {when} ({next_update:%Y-%m-%d %H:%M}Z), after which the broker refuses every "
+        "client: battery-server pki renew-crl, then reload the broker"
+    )
+
+
 class Pki:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -262,13 +292,7 @@ class Pki:
         return broker_access({kind: sorted(i.name for i in active if i.kind == kind) for kind in ROLE_ACLS})
 
     def crl_next_update(self) -> dt.datetime | None:
-        """When the broker starts refusing every client unless the CRL is re-signed; None if there is
-        no readable CRL (which the broker refuses just the same)."""
-        try:
-            crl = x509.load_pem_x509_crl(self.crl_path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        return crl.next_update_utc
+        return crl_next_update(self.crl_path)
 
     def renew_crl(self, within_days: int = RENEW_DAYS) -> tuple[bool, dt.datetime]:
         """Re-sign the CRL if it expires within ``within_days`` (or cannot be read); returns whether it

@@ -378,3 +378,42 @@ def test_a_crl_that_ran_out_is_renewed_by_the_timer_command_and_the_broker_lets_
         assert json.loads(capsys.readouterr().out)["renewed"] is False
     finally:
         broker.stop()
+
+
+def test_a_crl_about_to_run_out_degrades_healthz_and_shows_in_metrics(fleet_site, tmp_path, broker):
+    """The collector is told where the broker's CRL is ([pki] crl): two weeks before it runs out
+    /healthz says so (503, with the command that renews it) and /metrics carries its expiry."""
+    site = Pki(fleet_site)
+    site.write_crl(now=dt.datetime.now(dt.UTC) - dt.timedelta(days=360))  # five days left
+    key_path = tmp_path / "server.key"
+    keys.save_private(keys.generate(), key_path)
+    port = free_port()
+    url = f"sqlite:{tmp_path / 'record.sqlite'}"
+    config = collectors.write_config(tmp_path / "server.toml", url, broker, "c1", key_path, web_port=port)
+    (tmp_path / "web.token").write_text(secrets.token_urlsafe(32) + "\n")
+    config.write_text(config.read_text() + f'token_file = "{tmp_path / "web.token"}"\n[pki]\ncrl = "{site.crl_path}"\n')
+    log = tmp_path / "server.log"
+    server = collectors.start(config, log)
+    try:
+        collectors.wait_subscribed(log)
+
+        def health() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except OSError:
+                return 0, ""
+
+        waiting.wait_until(lambda: health()[0] == 503, 30, "/healthz to warn of the CRL", [server])
+        assert "renew-crl" in health()[1] and "CRL" in health()[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        (sample,) = [line for line in text.splitlines() if line.startswith("bt_server_crl_next_update_timestamp")]
+        assert abs(float(sample.split()[-1]) - site.crl_next_update().timestamp()) < 1
+        site.renew_crl()
+        waiting.wait_until(lambda: health()[0] == 200, 30, "/healthz to be content once it is renewed", [server])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)

@@ -5,6 +5,7 @@ that no HTTP client can take the collector's file descriptors."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import threading
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _web_process(cfg: ServerConfig, token: str, collector: Collector, store: Store) -> WebProcess:
     """The web process, and the answers it asks the collector for (/healthz, /metrics)."""
-    from battery_trace.server import metrics
+    from battery_trace.server import metrics, pki
     from battery_trace.server.web.app import device_counts
     from battery_trace.server.web.process import WebJob, WebProcess
     from prometheus_client import generate_latest
@@ -80,7 +81,13 @@ def _web_process(cfg: ServerConfig, token: str, collector: Collector, store: Sto
         problems = [] if collector.connected.is_set() else ["not subscribed at the broker"]
         if not collector.store_ok.is_set():
             problems.append("store unavailable")
+        if cfg.crl_path is not None and (crl := pki.crl_problem(cfg.crl_path, dt.datetime.now(dt.UTC))):
+            problems.append(crl)
         return not problems, "; ".join(problems) or "ok"
+
+    if cfg.crl_path is not None:
+        crl_path = cfg.crl_path
+        metrics.CRL.read = lambda: n.timestamp() if (n := pki.crl_next_update(crl_path)) else None
 
     metrics.DEVICES.read = lambda: device_counts(store)
     job = WebJob(cfg.web, cfg.store_url, cfg.rules, token, logging.getLogger().getEffectiveLevel())
