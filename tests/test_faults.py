@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from harness.broker import Broker, BrokerUnavailable
+from harness.broker import Broker, BrokerUnavailable, reachable
 from harness.pipeline import Pipeline, Report
 from harness.postgres import PostgresCluster
 from tests.conftest import FAULTS_KEY, missing_service, private_cluster
@@ -43,9 +43,11 @@ def cluster() -> Iterator[PostgresCluster]:
 
 @pytest.fixture
 def acl(tmp_path: Path) -> Path:
-    path = tmp_path / "acl"
-    path.write_text(OPEN_ACL)
-    return path
+    """The broker's ACL file, where the broker's unprivileged user can read it (harness.broker)."""
+    folder = tmp_path / "acl"
+    folder.mkdir()
+    (folder / "acl").write_text(OPEN_ACL)
+    return reachable(folder) / "acl"
 
 
 @pytest.fixture
