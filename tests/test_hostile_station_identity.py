@@ -9,6 +9,7 @@ clock test runs the agent in-process, because it steps the wall clock under it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -402,7 +403,13 @@ def test_a_wall_clock_stepped_back_or_forward_changes_no_duration(tmp_path, brok
     monkeypatch.setattr(time, "time", lambda: real_time() + offset[0])
     loop = asyncio.new_event_loop()
     task = loop.create_task(agent.run())
-    runner = threading.Thread(target=loop.run_until_complete, args=(task,), daemon=True)
+
+    def run() -> None:  # until the test cancels it, as SIGTERM does in `battery-agent run`
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.close()
+
+    runner = threading.Thread(target=run, daemon=True)
     runner.start()
 
     def sealed_more(than: int) -> bool:
