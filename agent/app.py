@@ -72,7 +72,7 @@ class Agent:
                 self.sources.append(CanSource(s.slot, s.can, self.reading))
         for line in config.lines:
             self.sources.append(serial_source(line.slot, line.serial, self.reading))
-        self.started = time.time()
+        self.started = time.monotonic()
         self.decode_errors = 0
         self.tick_errors = 0
         # Only a rig takes confirmations, so only a rig needs the secret that guards them.
@@ -115,9 +115,10 @@ class Agent:
         return {"sealed": seq}
 
     def alarms(self) -> list[str]:
-        """What an operator must act on: the outbox's (budget, full disk) and the uplink's (a receipt
-        that told of another chain under this device's key)."""
-        return [alarm for alarm in (self.sealer.alarm, self.uplink.alarm) if alarm]
+        """What an operator must act on: the outbox's (budget, full disk), the uplink's (a receipt
+        that told of another chain under this device's key) and the bindings' (a BMS identity that is
+        not unique)."""
+        return [alarm for alarm in (self.sealer.alarm, self.uplink.alarm, self.bindings.alarm) if alarm]
 
     def status_summary(self) -> dict[str, Any]:
         return {
@@ -131,7 +132,7 @@ class Agent:
         return {
             "device": self.config.device,
             "site": self.config.site_kind,
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "outbox": {
                 "depth": depth,
                 "oldest_unreceipted_s": round(time.time() - oldest, 1) if oldest else 0.0,
@@ -154,6 +155,7 @@ class Agent:
                 for s in self.sources
             ],
             "bindings": dict(self.bindings.counters),
+            "readings": dict(self.view.counters),
             "slot_changes": dict(self.slot_changes),
             "workflow": dict(getattr(self.workflow, "counters", {})),
             **({"bay": self.workflow.bay()} if isinstance(self.workflow, SwapStation) else {}),
@@ -176,7 +178,7 @@ class Agent:
         while True:
             await asyncio.sleep(period)
             try:
-                self._tick_once(time.time())
+                self._tick_once(time.monotonic())  # durations only: a stepped wall clock must not matter
             except Exception:  # an unattended station must outlive one bad tick; it is logged and counted
                 self.tick_errors += 1
                 log.exception("a periodic tick failed; the agent goes on")

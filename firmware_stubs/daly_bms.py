@@ -2,7 +2,8 @@
 
 Frames follow protocols.md §4: 13 bytes, ``A5 01 cmd 08 data[8] sum``; multi-frame answers (cells,
 temperatures, the battery code) carry their frame number in data[0]. Built here with ``struct``,
-never with the agent's decoder. Faults: noise, flipped bits, truncation, wrong sums, silence.
+never with the agent's decoder. Faults: noise, flipped bits, truncation, wrong sums, silence, and
+another pack on the same cable (``change_pack``).
 
 Run it on its own:  python -m firmware_stubs.daly_bms --link /tmp/daly-slot2
 """
@@ -10,6 +11,7 @@ Run it on its own:  python -m firmware_stubs.daly_bms --link /tmp/daly-slot2
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 
 from battery_trace.firmware_stubs.pty_link import PtyLink
@@ -93,6 +95,14 @@ class DalyBms(SerialStub):
 
     def answer(self, command: int) -> bytes:
         return b"".join(self.faulty(a) for a in answers(command, self.pack))
+
+    def change_pack(self, pack: DalyPack, gap_s: float = 1.0) -> None:
+        """Another pack is connected to the same cable: silence for ``gap_s`` (the technician's hands),
+        then the new pack answers; the serial port itself never closes."""
+        self.faults.silent = 1.0
+        time.sleep(gap_s)
+        self.pack = pack
+        self.faults.silent = 0.0
 
 
 def main() -> None:

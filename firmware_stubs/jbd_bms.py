@@ -10,6 +10,7 @@ Run it on its own:  python -m firmware_stubs.jbd_bms --link /tmp/bms-slot1
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 
 from battery_trace.firmware_stubs.pty_link import PtyLink
@@ -94,6 +95,14 @@ class JbdBms(SerialStub):
         if register not in payloads:
             return self.faulty(response(register, b"", status=0x80))
         return self.faulty(response(register, payloads[register]()))
+
+    def change_pack(self, state: PackState, gap_s: float = 1.0) -> None:
+        """Another pack is connected to the same cable: silence for ``gap_s`` (the technician's hands),
+        then the new pack answers; the serial port itself never closes."""
+        self.faults.silent = 1.0
+        time.sleep(gap_s)
+        self.state = state
+        self.faults.silent = 0.0
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def test_stub_frames_decode_to_the_stub_state():
     cells = jbd.decode(frames(jbd_bms.response(0x04, jbd_bms.cells_payload(state)))[0])
     assert cells == Health(cells_v=(3.3, 3.312, 3.291), cell_min_v=3.291, cell_max_v=3.312)
     model = jbd.decode(frames(jbd_bms.response(0x05, b"SP04S034"))[0])
-    assert model == Identity(source="bms", secondary="jbd:SP04S034")
+    assert model == Identity(source="bms", details={"bms_model": "SP04S034"})  # every such pack says it
 
 
 def test_stream_resynchronises_after_garbage_truncation_and_bad_checksums():

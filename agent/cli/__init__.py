@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from battery_trace.agent.cli import decode, identity, runtime, submit
+from battery_trace.agent.cli import bindings, decode, identity, runtime, submit
 
 EXAMPLES = """
 examples:
@@ -15,6 +15,7 @@ examples:
   battery-agent status -c /etc/battery-agent/agent.toml
   battery-agent emit --file production-day.csv -c mfr.toml
   battery-agent decode --protocol gbt27930 charge-session.log
+  battery-agent bindings list -c /etc/battery-agent/agent.toml
 """
 
 
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (runtime, submit, identity, decode):
+    for module in (runtime, submit, identity, bindings, decode):
         module.register(sub)
     return p
 

@@ -126,17 +126,25 @@ def decode_frame(frame: Frame, charge_positive: bool = True) -> dict[str, Any]:
     raise DecodeError("unknown_command", f"command 0x{c:02x} is not read here; valid: 0x90-0x96, 0x98, 0x57")
 
 
-def assemble(command: int, frames: list[dict[str, Any]], expected: int | None = None) -> dict[str, Any]:
-    """Join the parts of a multi-frame answer, in frame order; DecodeError if parts are missing."""
+def assemble(
+    command: int, frames: list[dict[str, Any]], expected: int | None = None, count: int | None = None
+) -> dict[str, Any]:
+    """Join the parts of a multi-frame answer, in frame order; DecodeError if parts are missing.
+
+    ``count`` is how many cells or probes the board has (its 0x94 status): the last frame is padded
+    beyond it (0 mV cells, -40 °C probes), and that padding is no reading. Within the count every value
+    stays, a 0 mV cell too: a dead cell is what a technician must see, not a gap.
+    """
     numbers = sorted(f["frame"] for f in frames)
     if not numbers or numbers != list(range(1, len(numbers) + 1)) or (expected and len(numbers) < expected):
         raise DecodeError("missing_frames", f"{COMMANDS[command]}: got frames {numbers}, expected 1..{expected or '?'}")
     parts = sorted(frames, key=lambda f: f["frame"])
     if command == CELLS:
-        cells = [mv for p in parts for mv in p["cells_mv"]]
-        return {"cells_v": [mv / 1000 for mv in (cells[: expected * 3] if expected else cells) if mv]}
+        cells = [mv / 1000 for p in parts for mv in p["cells_mv"]]
+        return {"cells_v": cells[:count] if count is not None else cells}
     if command == TEMPS:
-        return {"temperatures_c": [t for p in parts for t in p["temperatures_c"]]}
+        temps = [t for p in parts for t in p["temperatures_c"]]
+        return {"temperatures_c": temps[:count] if count is not None else temps}
     code = "".join(p["chars"] for p in parts).strip("\x00 \xff")
     return {"code": code}
 
@@ -160,5 +168,5 @@ def readings(command: int, fields: dict[str, Any]) -> list[Reading]:
         faults = tuple(f"daly_alarm_{i}_{b}" for i, byte in enumerate(bits) for b in range(8) if byte >> b & 1)
         return [Health(faults=faults)]
     if command == CODE and fields["code"]:
-        return [Identity(source="bms", code=fields["code"], secondary=f"daly:{fields['code']}")]
+        return [Identity(source="bms", code=fields["code"])]  # the code itself: nothing to bind it to
     return []

@@ -119,7 +119,8 @@ def decode_cells(p: bytes) -> Health:
 
 
 def decode_model(p: bytes) -> Identity:
+    """The BMS's model string: every pack of that model reports it, so it is a detail, never an identity."""
     text = p.decode("ascii", errors="replace").strip("\x00 ")
     if not text or not text.isprintable():
         raise DecodeError("bad_model", f"model string is not printable ASCII: {p!r}")
-    return Identity(source="bms", secondary=f"jbd:{text}")
+    return Identity(source="bms", details={"bms_model": text})

@@ -113,7 +113,8 @@ class SerialSource:
 
 
 class JbdPoller(SerialSource):
-    """Polls a JBD BMS: one read request per register (the model string once), then reads its answer."""
+    """Polls a JBD BMS: one read request per register, then reads its answer. The model string is read
+    again (first, before any health) whenever the BMS speaks after a silence: it may be another pack."""
 
     def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Reading], None]) -> None:
         super().__init__(slot, settings, on_reading)
@@ -121,13 +122,16 @@ class JbdPoller(SerialSource):
         self._model_known = False
 
     def cycle(self, port: serial.Serial) -> list[Reading]:
-        registers = [jbd.BASIC, jbd.CELLS] if self._model_known else [jbd.BASIC, jbd.CELLS, jbd.MODEL]
+        registers = [jbd.BASIC, jbd.CELLS] if self._model_known else [jbd.MODEL, jbd.BASIC, jbd.CELLS]
         readings = []
+        missed = self.counters["timeouts"]
         for register in registers:
             reading = self._ask(port, register)
             if reading is not None:
                 readings.append(reading)
                 self._model_known = self._model_known or register == jbd.MODEL
+        # An unanswered request is a silence: whoever answers next may be another pack, and is read anew.
+        self._model_known = self._model_known and self.counters["timeouts"] == missed
         return readings
 
     def _ask(self, port: serial.Serial, register: int) -> Reading | None:
@@ -154,8 +158,9 @@ class JbdPoller(SerialSource):
 
 
 class DalyPoller(SerialSource):
-    """Polls a Daly BMS: pack, cell range, capacity, status, every cell and probe, alarms, and its code
-    once. The number of cell and temperature frames comes from the status answer (0x94)."""
+    """Polls a Daly BMS: pack, cell range, capacity, status, every cell and probe, alarms, and its code.
+    The code is read first, before any health, and again whenever the BMS speaks after a silence (it may
+    be another pack). The number of cells and probes comes from the status answer (0x94)."""
 
     def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Reading], None]) -> None:
         super().__init__(slot, settings, on_reading)
@@ -166,6 +171,10 @@ class DalyPoller(SerialSource):
 
     def cycle(self, port: serial.Serial) -> list[Reading]:
         readings: list[Reading] = []
+        missed = self.counters["timeouts"]
+        if not self._code_known:
+            readings.extend(self._multi(port, daly.CODE, 4, None))  # 24 characters, 7 per frame
+            self._code_known = bool(readings)
         for command in (daly.PACK, daly.CELL_RANGE, daly.MOS, daly.STATUS, daly.ALARMS):
             frames = self._ask(port, command, 1)
             if frames:
@@ -173,23 +182,22 @@ class DalyPoller(SerialSource):
                 if command == daly.STATUS:
                     self._cells, self._probes = fields["cell_count"], fields["ntc_count"]
                 readings.extend(daly.readings(command, fields))
-        wanted = [(daly.CELLS, math.ceil(self._cells / 3)), (daly.TEMPS, math.ceil(self._probes / 7))]
-        if not self._code_known:
-            wanted.append((daly.CODE, 4))  # a 24-character code: 7 characters per frame
-        for command, count in wanted:
-            if not count:
-                continue
-            frames = self._ask(port, command, count)
-            try:
-                fields = daly.assemble(command, [daly.decode_frame(f) for f in frames], count)
-            except DecodeError as exc:
-                self.count(exc)
-                continue
-            if command == daly.CELLS:
-                fields["cells_v"] = fields["cells_v"][: self._cells]
-            readings.extend(daly.readings(command, fields))
-            self._code_known = self._code_known or command == daly.CODE
+        readings.extend(self._multi(port, daly.CELLS, math.ceil(self._cells / 3), self._cells))
+        readings.extend(self._multi(port, daly.TEMPS, math.ceil(self._probes / 7), self._probes))
+        # An unanswered request is a silence: whoever answers next may be another pack, and is read anew.
+        self._code_known = self._code_known and self.counters["timeouts"] == missed
         return readings
+
+    def _multi(self, port: serial.Serial, command: int, frames_wanted: int, count: int | None) -> list[Reading]:
+        if not frames_wanted:
+            return []
+        frames = self._ask(port, command, frames_wanted)
+        try:
+            fields = daly.assemble(command, [daly.decode_frame(f) for f in frames], frames_wanted, count)
+        except DecodeError as exc:
+            self.count(exc)
+            return []
+        return daly.readings(command, fields)
 
     def _ask(self, port: serial.Serial, command: int, count: int) -> list[daly.Frame]:
         port.reset_input_buffer()

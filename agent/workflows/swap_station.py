@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from battery_trace.agent.battery_view import BatteryView, SlotState
+from battery_trace.agent.battery_view import BatteryView, SlotState, weaker
 from battery_trace.agent.decoders.station import StationCommand
 from battery_trace.agent.sealer import Draft, Held, Refused
 from battery_trace.agent.workflows.gateway import Gateway
@@ -36,7 +36,8 @@ class Swap:
     code_in: str | None = None
     source_in: str | None = None
     health_in: dict[str, object] = field(default_factory=dict)
-    done_at: float | None = None
+    done_at: float | None = None  # wall clock: the event's time
+    done_mono: float | None = None  # monotonic: how long it has waited for the removed battery
 
 
 class SwapStation(Gateway):
@@ -81,10 +82,10 @@ class SwapStation(Gateway):
             self.counters["swaps_aborted"] += 1
             self.current = None
         elif cmd.verb == "DONE":
-            swap.done_at = time.time()
+            swap.done_at, swap.done_mono = time.time(), time.monotonic()
             self.finishing.append(swap)
             self.current = None
-            self.tick(swap.done_at)
+            self.tick(swap.done_mono)
 
     def bay(self) -> dict[str, object]:
         """The swap in the bay and those waiting for the removed battery's identity, for status."""
@@ -104,12 +105,16 @@ class SwapStation(Gateway):
             if ready and swap.code_in and swap.health_in and swap.slot_in is not None:
                 self.finishing.remove(swap)
                 self._seal(swap, out)  # type: ignore[arg-type]
-            elif swap.done_at is not None and now - swap.done_at > self.identity_wait_s:
+            elif swap.done_mono is not None and now - swap.done_mono > self.identity_wait_s:
                 self.finishing.remove(swap)
                 self.counters["swaps_incomplete"] += 1
                 log.error("swap of %s not sealed: the batteries' identity or health stayed unknown", swap.vin)
 
     def _seal(self, swap: Swap, out: SlotState) -> None:
+        if out.code == swap.code_in:  # one pack cannot leave and enter the vehicle: a source is stuck
+            self.counters["swaps_refused_same_code"] += 1
+            log.error("swap of %s not sealed: %s is named both removed and installed", swap.vin, out.code)
+            return
         fields = {
             "vin": swap.vin,
             "code_out": out.code,
@@ -120,9 +125,9 @@ class SwapStation(Gateway):
             "slot_in": swap.slot_in,
         }
         # The identity source recorded is the weaker of the two: a binding is weaker than a label.
-        source = out.code_source if out.code_source == swap.source_in else "binding"
+        source = weaker(out.code_source, swap.source_in)
         try:
-            self.seal(Draft("swapped", source or "binding", fields, int((swap.done_at or time.time()) * 1000)))
+            self.seal(Draft("swapped", source, fields, int((swap.done_at or time.time()) * 1000)))
             self.counters["swaps_sealed"] += 1
         except Held:  # the sealer keeps it until the outbox can take it, and seals it then
             self.counters["swaps_held"] += 1
