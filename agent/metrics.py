@@ -86,6 +86,26 @@ def render(agent: Agent) -> str:
         ],
     )
     lines += metric_lines(
+        "bt_agent_source_decode_errors_total",
+        "Per source: frames that did not decode, by reason (CAN and serial decoders' reasons).",
+        "counter",
+        [
+            ({"slot": str(s.slot), "source": s.name, "reason": r}, n)
+            for s in agent.sources
+            for r, n in sorted(s.decode_errors().items())
+        ],
+    )
+    lines += metric_lines(
+        "bt_agent_source_silent_seconds",
+        "Seconds since a source that should be talking (a CAN bus, a polled BMS) last gave a reading.",
+        "gauge",
+        [
+            ({"slot": str(s.slot), "source": s.name}, round(s.silence.seconds(), 3))
+            for s in agent.sources
+            if s.expects_traffic
+        ],
+    )
+    lines += metric_lines(
         "bt_agent_slot_reading_age_seconds",
         "Seconds since the battery on a slot last said anything.",
         "gauge",
