@@ -25,7 +25,24 @@ def render(agent: Agent) -> str:
         "gauge",
         [({}, round(now - oldest, 3) if oldest else 0.0)],
     )
-    lines += metric_lines("bt_agent_outbox_bytes", "Outbox size on disk.", "gauge", [({}, agent.outbox.size_bytes())])
+    lines += metric_lines(
+        "bt_agent_outbox_bytes",
+        "Bytes the outbox's rows take (pages in use): what the disk budget measures.",
+        "gauge",
+        [({}, agent.outbox.size_bytes())],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_file_bytes",
+        "Outbox database file and write-ahead log on disk (space freed by pruning is given back in batches).",
+        "gauge",
+        [({}, agent.outbox.file_bytes())],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_budget_ratio",
+        "Outbox size over its disk budget: health snapshots thinned from 0.8, none sealed above 1.",
+        "gauge",
+        [({}, round(agent.sealer.budget_used(), 4))],
+    )
     lines += metric_lines(
         "bt_agent_outbox_alarm",
         "1 when the outbox is over its disk budget or cannot be written (a full disk).",

@@ -315,3 +315,32 @@ def test_after_an_outage_the_budget_alarms_and_recovers_once_receipts_prune(tmp_
         site.stop()
         for close in closers:
             close()
+
+
+@pytest.mark.hostile
+def test_an_outbox_from_an_older_agent_gives_pruned_space_back_too(tmp_path):
+    """Outboxes made before incremental vacuum are converted once, at open, with every event kept."""
+    from battery_trace.agent.outbox import SCHEMA
+
+    key = tmp_path / "gw.key"
+    keys.save_private(keys.generate(), key)
+    sealed = tmp_path / "sealed.sqlite"
+    head = backlog(sealed, key, until_live=1_100_000)
+    path = tmp_path / "old-outbox.sqlite"  # the same rows in a file as older agents made it
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SCHEMA)
+    db.execute("ATTACH ? AS sealed", (str(sealed),))
+    db.execute("INSERT INTO outbox SELECT * FROM sealed.outbox")
+    db.execute("INSERT INTO chain SELECT * FROM sealed.chain")
+    assert db.execute("PRAGMA main.auto_vacuum").fetchone()[0] == 0
+    db.close()
+    outbox = Outbox(path)
+    try:
+        kid = keys.load_private(key).public.kid
+        last = outbox.pending(limit=10**6)[-1]
+        assert (outbox.head(kid), last.seq, outbox.depth()[0]) == (head, head, head)
+        assert outbox.prune(kid, head, envelope.envelope_hash(last.envelope)) == head
+        assert file_bytes(path) < 100_000 and outbox.size_bytes() < 100_000
+    finally:
+        outbox.close()
