@@ -150,7 +150,9 @@ class Agent:
                     "name": s.name,
                     "connected": s.connected,
                     "last_frame_at": s.last_frame_at,
+                    "silent_s": round(s.silence.seconds(), 1),
                     "counters": dict(s.counters),
+                    "decode_errors": dict(s.decode_errors()),
                 }
                 for s in self.sources
             ],
@@ -168,8 +170,21 @@ class Agent:
         down = [s.name for s in self.sources if not s.connected]
         if down:
             problems.append(f"sources down: {', '.join(down)}")
+        silent = self.silent_sources()
+        if silent:
+            problems.append(f"sources silent: {'; '.join(silent)}")
         problems.extend(self.alarms())
         return (not problems, "; ".join(problems) or "ok")
+
+    def silent_sources(self) -> list[str]:
+        """Open sources that should be talking (a CAN bus, a polled BMS) and have given no reading for
+        longer than a slot takes to count as empty: a dead adapter, a hung BMS, a bus of frames that
+        do not decode, or an empty slot. The agent cannot tell these apart; a person can."""
+        return [
+            f"{s.name} (slot {s.slot}) for {s.silence.seconds():.0f} s, {s.silence.describe()}"
+            for s in self.sources
+            if s.connected and s.expects_traffic and s.silence.seconds() > self.config.absent_after_s
+        ]
 
     async def _tick(self) -> None:
         # At least as often as snapshots are due: a health interval under a second must not be

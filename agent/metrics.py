@@ -25,7 +25,24 @@ def render(agent: Agent) -> str:
         "gauge",
         [({}, round(now - oldest, 3) if oldest else 0.0)],
     )
-    lines += metric_lines("bt_agent_outbox_bytes", "Outbox size on disk.", "gauge", [({}, agent.outbox.size_bytes())])
+    lines += metric_lines(
+        "bt_agent_outbox_bytes",
+        "Bytes the outbox's rows take (pages in use): what the disk budget measures.",
+        "gauge",
+        [({}, agent.outbox.size_bytes())],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_file_bytes",
+        "Outbox database file and write-ahead log on disk (space freed by pruning is given back in batches).",
+        "gauge",
+        [({}, agent.outbox.file_bytes())],
+    )
+    lines += metric_lines(
+        "bt_agent_outbox_budget_ratio",
+        "Outbox size over its disk budget: health snapshots thinned from 0.8, none sealed above 1.",
+        "gauge",
+        [({}, round(agent.sealer.budget_used(), 4))],
+    )
     lines += metric_lines(
         "bt_agent_outbox_alarm",
         "1 when the outbox is over its disk budget or cannot be written (a full disk).",
@@ -83,6 +100,26 @@ def render(agent: Agent) -> str:
             ({"slot": str(s.slot), "source": s.name, "what": k}, v)
             for s in agent.sources
             for k, v in sorted(s.counters.items())
+        ],
+    )
+    lines += metric_lines(
+        "bt_agent_source_decode_errors_total",
+        "Per source: frames that did not decode, by reason (CAN and serial decoders' reasons).",
+        "counter",
+        [
+            ({"slot": str(s.slot), "source": s.name, "reason": r}, n)
+            for s in agent.sources
+            for r, n in sorted(s.decode_errors().items())
+        ],
+    )
+    lines += metric_lines(
+        "bt_agent_source_silent_seconds",
+        "Seconds since a source that should be talking (a CAN bus, a polled BMS) last gave a reading.",
+        "gauge",
+        [
+            ({"slot": str(s.slot), "source": s.name}, round(s.silence.seconds(), 3))
+            for s in agent.sources
+            if s.expects_traffic
         ],
     )
     lines += metric_lines(

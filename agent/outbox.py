@@ -5,6 +5,10 @@ power cut after that cannot lose it. The chain head (last sequence number and en
 lives in the same database and moves in the same transaction as the event, so a crash can never
 reuse a sequence number or break the hash chain, even after every event has been pruned.
 
+Its size is what its rows take (pages in use), so that pruning shows at once; the space pruning frees
+goes back to the filesystem in batches (incremental vacuum, then a checkpoint that truncates the
+write-ahead log), so that one long outage does not leave a file the size of its backlog for good.
+
 Every failure of the database reaches callers as one ``OutboxError`` naming the path and SQLite's own
 reason: a full disk (``full``), a corrupt file, a folder that cannot be made, a read-only filesystem.
 """
@@ -78,6 +82,7 @@ class Outbox:
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(path, "open it", exc) from None
         try:
+            self._reclaimable()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
@@ -90,6 +95,23 @@ class Outbox:
             raise OutboxError(
                 path, "use it (restore it from a backup, or move it aside to start a new one)", exc
             ) from None
+
+    # Space freed by pruning goes back to the filesystem once this much is free (and a quarter of the
+    # file): one vacuum and checkpoint per batch of receipts, not per receipt.
+    RECLAIM_PAGES = 256
+
+    def _reclaimable(self) -> None:
+        """Incremental vacuum, so that pruning can give space back. A new file takes it before its first
+        table; an outbox from before needs one VACUUM (it rewrites the file: on a disk too full for that
+        it stays as it was, says so, and tries again at the next start)."""
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            try:
+                self._db.execute("VACUUM")
+            except sqlite3.OperationalError as exc:
+                log.warning("%s; pruned space stays in the file until it can", OutboxError(self.path, "vacuum", exc))
 
     def close(self) -> None:
         self._db.close()
@@ -194,7 +216,20 @@ class Outbox:
         except sqlite3.Error as exc:
             log.warning("%s; receipted events stay until a later receipt", OutboxError(self.path, "prune", exc))
             return 0
+        self._reclaim()
         return cur.rowcount
+
+    def _reclaim(self) -> None:
+        """Give the pages pruning freed back to the filesystem, once there are enough of them."""
+        pages, free = (self._pragma(p) for p in ("page_count", "freelist_count"))
+        if free < max(self.RECLAIM_PAGES, pages // 4):
+            return
+        try:
+            # executescript steps the pragma to the end; execute() would free one page per call.
+            self._db.executescript("PRAGMA incremental_vacuum")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:  # space not given back yet: no event is at stake
+            log.warning("%s", OutboxError(self.path, "reclaim pruned space", exc))
 
     def depth(self) -> tuple[int, float | None]:
         """(unreceipted events, sealing time of the oldest one)."""
@@ -202,7 +237,15 @@ class Outbox:
         return count, oldest
 
     def size_bytes(self) -> int:
-        """What the outbox takes on disk: the database and its write-ahead log."""
-        pages, page_size = (self._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "page_size"))
-        wal = self.path.with_name(self.path.name + "-wal")
-        return pages * page_size + (wal.stat().st_size if wal.exists() else 0)
+        """What the outbox's rows take: its pages in use, which pruning frees at once (the file and its
+        write-ahead log shrink later, in batches, and the log never holds more than a checkpoint's worth)."""
+        pages, free, page_size = (self._pragma(p) for p in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * page_size
+
+    def file_bytes(self) -> int:
+        """What the outbox takes on disk now: the database file and its write-ahead log."""
+        files = (self.path, self.path.with_name(self.path.name + "-wal"))
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    def _pragma(self, name: str) -> int:
+        return self._db.execute(f"PRAGMA {name}").fetchone()[0]

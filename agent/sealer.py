@@ -47,8 +47,11 @@ class Sealer:
     """Seals drafts into the outbox; refuses what must not be signed; keeps the outbox within its budget.
 
     Under the disk budget nothing sealed is ever deleted (that would be a hole in the chain). Instead,
-    health snapshots are thinned before they are sealed: from 80 % of the budget only one in four is
-    kept, above it none. Lifecycle events are always sealed; above the budget they raise an alarm.
+    health snapshots are thinned before they are sealed: from 80 % of the budget only one in four of
+    each slot's is kept (counted per slot: one count for all slots keeps the same slots' snapshots at
+    every tick and none of the others'), above it none. Above the budget the alarm is raised, whatever
+    is being sealed; lifecycle events are still sealed. It clears when receipts have pruned the outbox
+    under its budget again.
 
     When the outbox cannot be written at all (its filesystem is full, whatever the budget says), a
     running agent (``hold=True``) keeps each lifecycle draft in memory, in order, raises the alarm and
@@ -84,7 +87,7 @@ class Sealer:
         self.held: deque[Draft] = deque()
         self.budget_alarm: str | None = None
         self.write_failure: OutboxError | None = None  # why the last write failed, until one succeeds
-        self._health_seen = 0
+        self._health_seen: Counter[object] = Counter()  # per slot (or per code, for a draft without one)
 
     @property
     def alarm(self) -> str | None:
@@ -184,15 +187,27 @@ class Sealer:
     def _budget(self, draft: Draft) -> None:
         if self.budget_bytes is None:
             return
-        used = self.outbox.size_bytes() / self.budget_bytes
-        if used <= self.THIN_FROM:
+        used = self.budget_used()
+        self._budget_alarm(used)
+        if used <= self.THIN_FROM or draft.type != "health":
+            return
+        whose = draft.fields.get("slot", draft.fields.get("code"))
+        self._health_seen[whose] += 1
+        if used > 1.0 or self._health_seen[whose] % self.THIN_KEEP_ONE_IN != 1:
+            raise Refused("thinned", f"outbox at {used:.0%} of its budget: health snapshots are thinned")
+
+    def budget_used(self) -> float:
+        """The outbox's size as a fraction of its budget (0 without one)."""
+        return self.outbox.size_bytes() / self.budget_bytes if self.budget_bytes else 0.0
+
+    def _budget_alarm(self, used: float) -> None:
+        if used <= 1.0:
+            if self.budget_alarm is not None:
+                log.warning("the outbox is back within its disk budget (%.0f%%)", used * 100)
             self.budget_alarm = None
             return
-        if draft.type != "health":
-            if used > 1.0:
-                self.budget_alarm = f"outbox over its disk budget ({used:.0%}); lifecycle events are still sealed"
-                log.error("%s", self.budget_alarm)
-            return
-        self._health_seen += 1
-        if used > 1.0 or self._health_seen % self.THIN_KEEP_ONE_IN:
-            raise Refused("thinned", f"outbox at {used:.0%} of its budget: health snapshots are thinned")
+        if self.budget_alarm is None:
+            log.error("outbox over its disk budget (%.0f%%): health snapshots are not sealed", used * 100)
+        self.budget_alarm = (
+            f"outbox over its disk budget ({used:.0%}): health snapshots are not sealed, lifecycle events still are"
+        )

@@ -5,6 +5,11 @@ The adapter answers the host's commands (``S<n>`` bitrate, ``O``/``L`` open, ``C
 version and serial number) with CR, or BEL for what it does not know, and, while the channel is open,
 writes every frame put on its emulated bus as ``T<8 hex id><dlc><data>`` (``t`` for 11-bit ids).
 
+Fault modes, as real adapters show them: ``send_raw`` writes any bytes as they are (a line cut short by
+a USB glitch, ``T12\r``; noise; a non-ASCII byte), and ``mute`` makes the adapter stop forwarding frames
+while its port stays open and it still answers commands (a hung adapter firmware, or a dead CAN
+transceiver behind a live USB chip).
+
 Run a GB/T 27930 charging session through one:
     python -m firmware_stubs.slcan_adapter --link /tmp/can-slot1 --session gbt27930
 """
@@ -34,6 +39,7 @@ class SlcanAdapter(SerialStub):
     def __init__(self, link: PtyLink) -> None:
         super().__init__(link)
         self.is_open = threading.Event()
+        self.muted = threading.Event()
         self.commands: list[str] = []
 
     def parse_request(self, buf: bytearray) -> tuple[str | None, int]:
@@ -57,10 +63,21 @@ class SlcanAdapter(SerialStub):
         return replies.get(head, b"\a")
 
     def send(self, arbitration_id: int, data: bytes, extended: bool = True) -> bool:
-        """Put a frame on the bus; it reaches the host only while the channel is open."""
-        if not self.is_open.is_set():
+        """Put a frame on the bus; it reaches the host only while the channel is open and not muted."""
+        if not self.is_open.is_set() or self.muted.is_set():
             return False
         return self.write(slcan_line(arbitration_id, data, extended))
+
+    def send_raw(self, data: bytes) -> bool:
+        """Write bytes to the host unchanged: a truncated or garbled line, which no encoder would produce."""
+        return self.write(data)
+
+    def mute(self, muted: bool = True) -> None:
+        """Stop (or resume) forwarding bus frames; commands are still answered."""
+        if muted:
+            self.muted.set()
+        else:
+            self.muted.clear()
 
 
 class Player:

@@ -3,7 +3,9 @@
 pyserial is blocking, so each poll cycle runs in a worker thread and hands its readings back to the
 event loop. Frame boundaries come from the protocols (start byte, length, checksum), never from
 reads. A port that disappears (USB adapter unplugged) is closed and reopened with capped backoff,
-and every loss is counted: the agent keeps running and says what happened.
+and every loss is counted: the agent keeps running and says what happened. What was read of a
+frame or a line before the port closed is dropped with it: the device on the new port starts afresh,
+so half a line from before an unplug can never join the first line after it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import serial
 from battery_trace.agent.decoders import daly, jbd, scanner, station
 from battery_trace.agent.readings import DecodeError, Reading
+from battery_trace.agent.sources.watch import Silence
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class SerialSource:
     """Opens the port, runs ``cycle`` in a thread, hands readings on, reconnects when the port is lost."""
 
     pause_s: float = 0.0
+    # A polled BMS answers every poll: a long silence is news. A line device speaks only when used.
+    expects_traffic = True
 
     def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Reading], None]) -> None:
         self.slot = slot
@@ -50,6 +55,7 @@ class SerialSource:
         self.counters: Counter[str] = Counter()
         self.connected = False
         self.last_frame_at: float | None = None
+        self.silence = Silence()
         self._port: serial.Serial | None = None
 
     @property
@@ -87,6 +93,7 @@ class SerialSource:
         readings = self.cycle(port)
         if readings:
             self.last_frame_at = time.time()
+            self.silence.heard()
         return readings
 
     def cycle(self, port: serial.Serial) -> list[Reading]:
@@ -107,9 +114,19 @@ class SerialSource:
             with contextlib.suppress(serial.SerialException, OSError, termios.error):
                 self._port.close()
             self._port = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was read of an unfinished frame or line: the port it came from is closed."""
 
     def count(self, error: DecodeError) -> None:
         self.counters[f"bad_frame:{error.reason}"] += 1
+        self.silence.instead[error.reason] += 1
+
+    def decode_errors(self) -> Counter[str]:
+        return Counter(
+            {k.removeprefix("bad_frame:"): v for k, v in self.counters.items() if k.startswith("bad_frame:")}
+        )
 
 
 class JbdPoller(SerialSource):
@@ -220,10 +237,15 @@ class DalyPoller(SerialSource):
 class LineSource(SerialSource):
     """A line device (label scanner, PLC, keypad): reads whatever arrives and splits it into lines."""
 
+    expects_traffic = False
+
     def __init__(self, slot: int, settings: SerialSettings, on_reading: Callable[[int, Any], None]) -> None:
         super().__init__(slot, settings, on_reading)
-        parse = station.parse if settings.protocol in ("plc", "keypad") else scanner.scanned_code
-        self._lines: scanner.LineReader[Any] = scanner.LineReader(parse)
+        self._parse = station.parse if settings.protocol in ("plc", "keypad") else scanner.scanned_code
+        self.reset()
+
+    def reset(self) -> None:
+        self._lines: scanner.LineReader[Any] = scanner.LineReader(self._parse)
 
     def cycle(self, port: serial.Serial) -> list[Any]:
         chunk = port.read(max(1, port.in_waiting))  # waits at most the port timeout for the first byte
