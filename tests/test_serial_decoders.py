@@ -153,7 +153,7 @@ def test_pollers_get_through_a_noisy_line(tmp_path, protocol):
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("VEHICLE lnbscb3f5pw123456", station.StationCommand("VEHICLE", vin="LNBSCB3F5PW123456")),
+        ("VEHICLE lnbscb3f5pw123456", station.StationCommand("VEHICLE", vin="LNBSCB3F1PW123456")),
         ("out 3", station.StationCommand("OUT", slot=3)),
         ("DONE", station.StationCommand("DONE")),
         ("   ", "empty"),  # found by the fuzzer: a blank line once raised IndexError
