@@ -149,8 +149,7 @@ class SwapStation(Gateway):
         if self.slots is not None and cmd.slot not in self.slots:
             self.counters["bad_slot"] += 1
             valid = ", ".join(map(str, sorted(self.slots)))
-            swap.spoiled = f"{cmd.verb} {cmd.slot}: the station has no slot {cmd.slot} (slots: {valid})"
-            log.error("PLC: %s", swap.spoiled)
+            self._spoil(swap, f"{cmd.verb} {cmd.slot}: the station has no slot {cmd.slot} (slots: {valid})")
             return False
         if taken == cmd.slot:
             self.counters["repeated_lines"] += 1
@@ -158,10 +157,15 @@ class SwapStation(Gateway):
             return False
         if taken is not None or cmd.slot in (swap.slot_out, swap.slot_in):
             self.counters["conflicting_lines"] += 1
-            swap.spoiled = f"{cmd.verb} {cmd.slot} after OUT {swap.slot_out} / IN {swap.slot_in} in one swap"
-            log.error("PLC: %s; which battery went where is unknown", swap.spoiled)
+            self._spoil(swap, f"{cmd.verb} {cmd.slot} after OUT {swap.slot_out} / IN {swap.slot_in} in one swap")
             return False
         return True
+
+    @staticmethod
+    def _spoil(swap: Swap, why: str) -> None:
+        """This swap can no longer be sealed: which battery went where is unknown. The first reason stands."""
+        log.error("PLC: %s; the swap of %s will not be sealed", why, swap.vin or "an unknown VIN")
+        swap.spoiled = swap.spoiled or why
 
     def _out(self, cmd: StationCommand) -> None:
         swap = self._swap_for(cmd)
