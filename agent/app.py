@@ -185,7 +185,11 @@ class Agent:
             "bindings": dict(self.bindings.counters),
             "slot_changes": dict(self.slot_changes),
             "workflow": dict(getattr(self.workflow, "counters", {})),
-            **({"bay": self.workflow.bay()} if isinstance(self.workflow, SwapStation) else {}),
+            **(
+                {"bay": {**self.workflow.bay(), "alarm": self.swap_alarm}}
+                if isinstance(self.workflow, SwapStation)
+                else {}
+            ),
         }
 
     def healthy(self) -> tuple[bool, str]:

@@ -79,7 +79,7 @@ def test_reference_brm_over_rts_cts_and_bsm():
         "production_date": "2024-05-17",
         "charge_count": 256,
         "ownership": "vehicle_owned",
-        "vin": "LNBSCB3F1PW123456",
+        "vin": "LNBSCB3F5PW123456",  # a reference capture: the bytes as recorded, check digit and all
     }
     assert bsm.fields["max_cell_number"] == 12 and bsm.fields["max_temperature_c"] == 31
     assert (bsm.fields["max_temperature_probe"], bsm.fields["min_temperature_c"]) == (3, 27)

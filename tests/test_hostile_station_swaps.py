@@ -125,6 +125,7 @@ def alarmed(s: Station, *words: str) -> None:
     code, health = get(s.port, "/healthz")
     assert code == 503 and all(w in health for w in words), health
     assert "bt_agent_swap_alarm 1" in get(s.port, "/metrics")[1]
+    assert all(w in s.status()["bay"]["alarm"] for w in words)
     assert all(w in retained_status(s.server.broker, "station-1")["alarm"] for w in words)
 
 
