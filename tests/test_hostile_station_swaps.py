@@ -356,3 +356,29 @@ def test_an_outbox_carries_its_schema_version_and_an_old_one_is_migrated(tmp_pat
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(OutboxError, match="newer battery-agent"):
         Outbox(newer)
+
+
+# -- the contract and the check digit ------------------------------------------------------------------
+
+
+def test_a_swap_names_its_unidentified_side_or_carries_both_codes():
+    from battery_trace.protocol import events
+
+    whole = {"vin": VIN_1, "code_out": PACK_B, "code_in": PACK_A, "health_out": {"soc_pct": 15.0}}
+    whole |= {"health_in": {"soc_pct": 90.0}, "slot_out": 2, "slot_in": 1}
+    assert events.body_errors("swapped", "label", whole) == []  # what schema 1 always took
+    partial = {k: v for k, v in whole.items() if k not in ("code_out", "health_out")} | {"unidentified": "out"}
+    assert events.body_errors("swapped", "label", partial) == []
+    both = whole | {"unidentified": "out"}
+    assert [e.path for e in events.body_errors("swapped", "label", both)] == ["code_out"]
+    silent = {k: v for k, v in whole.items() if k != "code_out"}
+    assert [e.path for e in events.body_errors("swapped", "label", silent)] == ["code_out"]
+
+
+def test_emit_refuses_a_vin_whose_check_digit_is_wrong(tmp_path):
+    config = _config(tmp_path, "")
+    text = config.read_text().replace('kind = "swap_station"', 'kind = "submitter"')
+    config.write_text(text.replace("[device]\n", '[device]\nrole = "vehicle_maker"\n'))
+    result = _run(config, "emit", "installed", "--field", f"code={PACK_A}", "--field", f"vin={MISREAD}", "--no-wait")
+    assert result.returncode != 0 and "check digit (position 9) is '5'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
