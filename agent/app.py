@@ -29,8 +29,8 @@ from battery_trace.agent.sources.serial_port import serial_source
 from battery_trace.agent.uplink import Uplink
 from battery_trace.agent.workflows.gateway import Gateway
 from battery_trace.agent.workflows.maintenance_rig import MaintenanceRig, RigError
-from battery_trace.agent.workflows.swap_station import SwapStation
-from battery_trace.protocol import keys
+from battery_trace.agent.workflows.swap_station import ALARM_WINDOW_S, SwapStation
+from battery_trace.protocol import envelope, events, keys
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Agent:
         kind = config.site_kind
         self.workflow: Gateway | None
         if kind == "swap_station":
-            self.workflow = SwapStation(self.view, self.seal, config.health_interval_s, config.identity_wait_s)
+            self.workflow = self._swap_station(config)
         elif kind == "maintenance_rig":
             self.workflow = MaintenanceRig(self.view, self.seal, config.health_interval_s, _first_slot(config))
         elif kind == "gateway":
@@ -78,6 +78,30 @@ class Agent:
         # Only a rig takes confirmations, so only a rig needs the secret that guards them.
         self.control_secret = create_secret(config.control_secret) if kind == "maintenance_rig" else None
         self.control: ControlServer | None = None
+
+    def _swap_station(self, config: AgentConfig) -> SwapStation:
+        """The station's workflow, its bay resumed from the outbox database (it survives a restart)."""
+        station = SwapStation(
+            self.view,
+            self.seal,
+            config.health_interval_s,
+            config.identity_wait_s,
+            slots=[s.slot for s in config.slots],
+            store=self.outbox,
+            still_held=lambda draft: draft in self.sealer.held,
+        )
+        since = time.time() - ALARM_WINDOW_S
+        station.restore(self.outbox.load_bay(), self._sealed_swaps(), self.outbox.evidence_since(since))
+        return station
+
+    def _sealed_swaps(self) -> set[tuple[str, int]]:
+        """(VIN, time) of the swaps in the outbox. Nothing is published between a seal and the bay's save
+        that follows it, so a swap sealed just before a crash is still here when the agent starts again."""
+        sealed = set()
+        for raw in self.outbox.unreceipted_of_type("swapped"):
+            event = events.decode(envelope.decode(raw).payload)
+            sealed.add((event.fields.get("vin"), event.time_ms))
+        return sealed
 
     def _slot_changed(self, what: str, slot: int, state: SlotState) -> None:
         self.slot_changes[what] += 1
@@ -116,9 +140,14 @@ class Agent:
 
     def alarms(self) -> list[str]:
         """What an operator must act on: the outbox's (budget, full disk), the uplink's (a receipt
-        that told of another chain under this device's key) and the bindings' (a BMS identity that is
-        not unique)."""
-        return [alarm for alarm in (self.sealer.alarm, self.uplink.alarm, self.bindings.alarm) if alarm]
+        that told of another chain under this device's key), the bindings' (a BMS identity that is
+        not unique) and the swap station's (a swap that was not sealed as a whole)."""
+        alarms = (self.sealer.alarm, self.uplink.alarm, self.bindings.alarm, self.swap_alarm)
+        return [alarm for alarm in alarms if alarm]
+
+    @property
+    def swap_alarm(self) -> str | None:
+        return self.workflow.alarm if isinstance(self.workflow, SwapStation) else None
 
     def status_summary(self) -> dict[str, Any]:
         return {
@@ -160,7 +189,11 @@ class Agent:
             "readings": dict(self.view.counters),
             "slot_changes": dict(self.slot_changes),
             "workflow": dict(getattr(self.workflow, "counters", {})),
-            **({"bay": self.workflow.bay()} if isinstance(self.workflow, SwapStation) else {}),
+            **(
+                {"bay": {**self.workflow.bay(), "alarm": self.swap_alarm}}
+                if isinstance(self.workflow, SwapStation)
+                else {}
+            ),
         }
 
     def healthy(self) -> tuple[bool, str]:

@@ -199,6 +199,33 @@ def _listen(o: Section) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _one_owner_each(origin: str, slots: tuple[SlotSettings, ...], lines: list[LineDevice]) -> None:
+    """A serial port or a CAN bus serves one slot or device: shared, two sources would each read part of
+    its traffic (or all of it, twice) and report it under their own slot, both looking connected."""
+    owners: dict[tuple[str, ...], str] = {}
+
+    def claim(resource: tuple[str, ...], owner: str, what: str) -> None:
+        if resource in owners:
+            raise ConfigError(
+                f"{origin}: {owner}: {what} is also used by {owners[resource]}; each port or bus serves one "
+                "slot or device (a second slot needs its own adapter)"
+            )
+        owners[resource] = owner
+
+    for s in slots:
+        if s.serial:
+            claim(("port", str(s.serial.port)), f"[slots] slot = {s.slot} [serial]", f"port {s.serial.port!r}")
+        if s.can:
+            bus = (s.can.interface, str(s.can.channel))
+            what = f"{s.can.interface} channel {s.can.channel!r}"
+            claim(("can", *bus), f"[slots] slot = {s.slot} [can]", what)
+            if s.can.interface in ("slcan", "serial", "seeedstudio", "robotell"):  # a serial device underneath
+                claim(("port", str(s.can.channel)), f"[slots] slot = {s.slot} [can]", what)
+    for line in lines:
+        owner = f"[[scanners]] slot = {line.slot}" if line.kind == "scanner" else f"[{line.kind}]"
+        claim(("port", str(line.serial.port)), owner, f"port {line.serial.port!r}")
+
+
 def load(path: Path) -> AgentConfig:
     origin = str(path)
     root = Section.root(load_toml(path), origin, path.parent)
@@ -240,14 +267,22 @@ def load(path: Path) -> AgentConfig:
         seen.add(slot.slot)
 
     lines: list[LineDevice] = []
+    scanned: set[int] = set()
     for s in root.sections("scanners"):
         slot = s.integer("slot", 0, low=0, high=10_000)
+        if slot not in seen:
+            valid = ", ".join(map(str, sorted(seen))) or "none configured"
+            raise s.error("slot", f"= {slot}: no [[slots]] has this number (slots: {valid}); a scanner reads one slot")
+        if slot in scanned:
+            raise s.error("slot", f"= {slot}: another [[scanners]] reads this slot already; one scanner per slot")
+        scanned.add(slot)
         lines.append(LineDevice("scanner", slot, _serial(s, ("scanner",), "scanner")))
     for kind in ("plc", "keypad"):
         if kind in root.data:
             lines.append(LineDevice(kind, 0, _serial(root.section(kind), (kind,), kind)))
         else:
             root.section(kind)
+    _one_owner_each(origin, slots, lines)
     if site_kind != "swap_station" and "plc" in root.data:
         raise root.error("plc", "a PLC drives swaps; it belongs to site kind 'swap_station'")
     observability = root.section("observability")

@@ -106,7 +106,7 @@ def draft(record: dict[str, Any], where: str, default_source: str, now_ms: int) 
     errors += [LineError(where, str(e)) for e in events.body_errors(event_type, source, fields)]
     probe = events.Event("x", 1, events.ZERO_HASH, time_ms, event_type, source, fields)
     if not errors:
-        errors += [LineError(where, str(p)) for p in events.code_problems(probe)]
+        errors += [LineError(where, str(p)) for p in (*events.code_problems(probe), *events.vin_problems(probe))]
     return errors or Draft(event_type, source, fields, time_ms)
 
 

@@ -56,6 +56,18 @@ def render(agent: Agent) -> str:
         [({}, 1 if agent.uplink.alarm else 0)],
     )
     lines += metric_lines(
+        "bt_agent_swap_alarm",
+        "1 when a swap in the last 24 h was not sealed as a whole (abandoned, spoiled, a battery unknown).",
+        "gauge",
+        [({}, 1 if agent.swap_alarm else 0)],
+    )
+    lines += metric_lines(
+        "bt_agent_workflow_total",
+        "The site's workflow: swaps sealed, partial, unsealed, abandoned, resumed; PLC lines refused.",
+        "counter",
+        [({"what": k}, v) for k, v in sorted(getattr(agent.workflow, "counters", {}).items())],
+    )
+    lines += metric_lines(
         "bt_agent_outbox_held",
         "Lifecycle events held in memory because the outbox cannot be written; sealed when it can.",
         "gauge",

@@ -11,6 +11,11 @@ write-ahead log), so that one long outage does not leave a file the size of its 
 
 Every failure of the database reaches callers as one ``OutboxError`` naming the path and SQLite's own
 reason: a full disk (``full``), a corrupt file, a folder that cannot be made, a read-only filesystem.
+
+The swap station's bay (the swap in progress, the swaps finishing) is kept here too, written with the
+same durability as a seal, so a restart resumes it; so is the evidence of every swap that could not be
+sealed as a whole. The schema carries its version (``PRAGMA user_version``): an outbox from before
+versions (0) is migrated in one transaction, one from a newer agent is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from battery_trace.protocol.events import ZERO_HASH
 
 log = logging.getLogger(__name__)
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chain (
     kid BLOB PRIMARY KEY,
@@ -45,6 +51,16 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS server_keys (
     public_key BLOB PRIMARY KEY,
     learned_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bay (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state TEXT NOT NULL,
+    saved_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS swap_evidence (
+    at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    swap TEXT NOT NULL
 );
 """
 
@@ -73,6 +89,10 @@ class OutboxError(Exception):
         super().__init__(f"outbox {path}: cannot {doing}: {reason}")
 
 
+class NewerSchema(Exception):
+    """The outbox was written by a newer agent: reading it with this one could misread it."""
+
+
 class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -85,7 +105,7 @@ class Outbox:
             self._reclaimable()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._migrate()
             # Reading every event's row and every chain head once finds a corrupt or truncated file now,
             # with a clear message, rather than at the first seal or receipt.
             self._db.execute("SELECT COUNT(*), MIN(sealed_at), SUM(LENGTH(envelope)) FROM outbox").fetchone()
@@ -95,6 +115,63 @@ class Outbox:
             raise OutboxError(
                 path, "use it (restore it from a backup, or move it aside to start a new one)", exc
             ) from None
+        except NewerSchema as exc:
+            self._db.close()
+            raise OutboxError(path, "use it", exc) from None
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION in one transaction (every statement is idempotent)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise NewerSchema(
+                f"its schema is version {version}, written by a newer battery-agent; this one knows up to "
+                f"{SCHEMA_VERSION} (upgrade this agent, or restore the outbox this version wrote)"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        if version:
+            log.info("outbox %s: schema migrated from version %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def load_bay(self) -> str | None:
+        """The swap station's bay as last saved (JSON), or None."""
+        row = self._db.execute("SELECT state FROM bay WHERE id = 1").fetchone()
+        return row[0] if row else None
+
+    def save_bay(self, state: str) -> None:
+        """Replace the saved bay; committed (synchronous=FULL) before it returns, or OutboxError."""
+        try:
+            self._db.execute(
+                "INSERT INTO bay (id, state, saved_at) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, saved_at = excluded.saved_at",
+                (state, time.time()),
+            )
+        except sqlite3.Error as exc:
+            raise OutboxError(self.path, "save the swap bay", exc) from None
+
+    def record_evidence(self, at: float, reason: str, swap: str) -> None:
+        """Keep what is known of a swap that could not be sealed as a whole; OutboxError if the disk refuses."""
+        try:
+            self._db.execute("INSERT INTO swap_evidence (at, reason, swap) VALUES (?, ?, ?)", (at, reason, swap))
+        except sqlite3.Error as exc:
+            raise OutboxError(self.path, "keep the evidence of an unsealed swap", exc) from None
+
+    def evidence_since(self, since: float) -> list[tuple[float, str]]:
+        """(time, reason) of the swaps not sealed as a whole since ``since``, oldest first."""
+        return self._db.execute("SELECT at, reason FROM swap_evidence WHERE at >= ? ORDER BY at", (since,)).fetchall()
+
+    def unreceipted_of_type(self, event_type: str) -> list[bytes]:
+        """Envelopes of one type still in the outbox: what a resumed swap checks it was not sealed already."""
+        rows = self._db.execute("SELECT envelope FROM outbox WHERE type = ? ORDER BY rowid", (event_type,))
+        return [row[0] for row in rows]
 
     # Space freed by pruning goes back to the filesystem once this much is free (and a quarter of the
     # file): one vacuum and checkpoint per batch of receipts, not per receipt.

@@ -113,6 +113,9 @@ class Sealer:
         problems = events.code_problems(probe)
         if problems:
             raise Refused("invalid_code", "; ".join(map(str, problems)))
+        misread = events.vin_problems(probe)
+        if misread:
+            raise Refused("invalid_vin", "; ".join(map(str, misread)))
 
     def seal(self, draft: Draft) -> int:
         """Seal ``draft`` into the outbox and return its sequence number, or raise Refused."""

@@ -20,12 +20,24 @@ class CanSlot:
         self.player: Player | None = None
         self.pack: gbt27930_bms.Pack | None = None
 
-    def insert(self, pack: gbt27930_bms.Pack) -> None:
-        """A battery goes into the slot: its BMS starts a charging session, and repeats it."""
+    def insert(self, pack: gbt27930_bms.Pack, handshake_once: bool = False) -> None:
+        """A battery goes into the slot: its BMS starts a charging session, and repeats it. With
+        ``handshake_once`` it behaves as a real one: BRM (its identity) only in the one handshake, then
+        charging frames for as long as it stays."""
         self.remove()
         self.pack = pack
         self.player = Player(self.adapter, self.interval_s)
-        self.player.start_loop(lambda: gbt27930_frames(pack, rounds=3), pause_s=0.2)
+        if not handshake_once:
+            self.player.start_loop(lambda: gbt27930_frames(pack, rounds=3), pause_s=0.2)
+            return
+        sessions = iter(range(1 << 62))
+
+        def frames() -> list[tuple[int, bytes]]:
+            first = next(sessions) == 0
+            out = [*gbt27930_bms.handshake(pack)] if first else []
+            return [(f.arbitration_id, f.data) for f in out + gbt27930_bms.charging(pack, 3)]
+
+        self.player.start_loop(frames, pause_s=0.2)
 
     def remove(self) -> gbt27930_bms.Pack | None:
         pack, self.pack = self.pack, None

@@ -78,7 +78,7 @@ class Pack:
     rated_ah: float = 150.0
     rated_v: float = 350.4
     charges: int = 256
-    vin: str = "LNBSCB3F5PW123456"
+    vin: str = "LNBSCB3F1PW123456"
     soc_pct: float = 40.0
     voltage_v: float = 352.6
     current_a: float = -120.5
@@ -208,11 +208,22 @@ def multi(name: str, payload: bytes, source: int = BMS, destination: int = CHARG
     ]
 
 
-def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
-    """Handshake, identification, parameters, charging (SOC rising), and the end of charge."""
+def handshake(p: Pack) -> list[Frame]:
+    """Handshake, identification (BRM: the only message that names the pack) and parameters."""
     out = [single("CHM", b"\x01\x01\x00", CHARGER, BMS), single("BHM", struct.pack("<H", 4200))]
     out += [single("CRM", b"\x00\xff\xff\xff\xff\xff\xff\xff", CHARGER, BMS), *multi("BRM", brm(p))]
-    out += [single("CRM", b"\xaa\xff\xff\xff\xff\xff\xff\xff", CHARGER, BMS), *multi("BCP", bcp(p))]
+    return [*out, single("CRM", b"\xaa\xff\xff\xff\xff\xff\xff\xff", CHARGER, BMS), *multi("BCP", bcp(p))]
+
+
+def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
+    """Handshake, identification, parameters, charging (SOC rising), and the end of charge."""
+    return [*handshake(p), *charging(p, rounds), single("BST", b"\x01\x00\x00\xf0"), single("BSD", bsd(p))]
+
+
+def charging(p: Pack, rounds: int) -> list[Frame]:
+    """The charging phase alone: status and measurements, never the pack's identity. A real BMS stays
+    here for hours after one handshake, so a listener that starts meanwhile hears no BRM."""
+    out: list[Frame] = []
     for _ in range(rounds):
         out += [
             single("BCL", bcl(p)),
@@ -224,7 +235,6 @@ def charging_session(p: Pack, rounds: int = 10) -> list[Frame]:
         p.soc_pct = min(100.0, p.soc_pct + 2)
         p.voltage_v = round(p.voltage_v + 0.4, 1)
         p.cells_v = [round(v + 0.004, 3) for v in p.cells_v]
-    out += [single("BST", b"\x01\x00\x00\xf0"), single("BSD", bsd(p))]
     return out
 
 

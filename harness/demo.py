@@ -32,7 +32,7 @@ from harness.publisher import Publisher
 
 CODES = {n: f"0RJPEA00HAU0AAG1C3000{n}" for n in range(101, 111)}
 HERO = CODES[101]
-VINS = {n: f"LNBSCB3F5PW10000{n}" for n in range(1, 5)}
+VINS = {n: events.with_check_digit(f"LNBSCB3F0PW10000{n}") for n in range(1, 5)}
 
 
 def pack(n: int, soc: float) -> gbt27930_bms.Pack:

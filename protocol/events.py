@@ -59,6 +59,7 @@ CHEMISTRY_NAMES = ("lfp", "ncm", "nca", "lmo", "lco", "lto", "nimh", "sodium_ion
 BUYER_KINDS = ("individual", "company", "fleet", "rental", "government", "other")
 MAINTENANCE_ACTIONS = ("inspection", "repair", "module_replacement", "cell_replacement", "rebalance", "other")
 MATERIALS = ("li", "co", "ni", "mn")
+SWAP_SIDES = ("out", "in")  # the removed and the installed battery of a swap
 
 
 class Kind(Enum):
@@ -157,6 +158,13 @@ EVENT_TYPES: dict[str, EventType] = {
                 Field("health_in", Kind.HEALTH),
                 Field("slot_out", Kind.INT, doc="station slot that received the removed battery"),
                 Field("slot_in", Kind.INT, doc="station slot the installed battery came from"),
+                Field(
+                    "unidentified",
+                    Kind.CHOICE,
+                    required=False,
+                    choices=SWAP_SIDES,
+                    doc="the side whose battery stayed unknown: its code (and health) are then absent",
+                ),
             ),
             "a battery swap at a station",
         ),
@@ -257,6 +265,12 @@ _SIGNED_HEALTH = {"current_a", "temps_c"}
 COMMON_FIELDS = ("v", "device", "seq", "prev", "time", "type", "source")
 
 _VIN = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
+# ISO 3779 / GB 16735: position 9 is a check digit over the transliterated characters and these weights.
+_VIN_VALUES = {
+    c: v for c, v in zip("ABCDEFGHJKLMNPRSTUVWXYZ", (*range(1, 9), *range(1, 6), 7, 9, *range(2, 10)), strict=True)
+}
+_VIN_VALUES.update({str(d): d for d in range(10)})
+_VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
 # A field or map key a device names is quoted in messages unless it looks like one of the contract's own names.
 _PLAIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -462,13 +476,27 @@ def body_errors(event_type: Any, source: Any, fields: Mapping[str, Any]) -> list
         if name not in names:
             valid = ", ".join(f.name for f in spec.fields)
             errors.append(FieldError(_name(name), f"is not a field of {event_type!r}; valid: {valid}"))
+    unknown = _unidentified(event_type, fields)
     for f in spec.fields:
+        if f.name in unknown:
+            if f.kind is Kind.CODE and f.name in fields:
+                errors.append(FieldError(f.name, f"must be absent: unidentified = {fields['unidentified']!r}"))
+            elif f.name in fields:
+                errors.extend(_check_field(f, fields[f.name]))
+            continue
         if f.name not in fields:
             if f.required:
                 errors.append(FieldError(f.name, f"is required for {event_type!r} ({f.kind.value})"))
             continue
         errors.extend(_check_field(f, fields[f.name]))
     return errors
+
+
+def _unidentified(event_type: str, fields: Mapping[str, Any]) -> frozenset[str]:
+    """Fields a swap may leave out because it names their side as unidentified (schema 1, additive): the
+    unknown battery's code must be absent, its health may be. The vehicle's side of the record is kept."""
+    side = fields.get("unidentified") if event_type == "swapped" else None
+    return frozenset((f"code_{side}", f"health_{side}")) if side in SWAP_SIDES else frozenset()
 
 
 @dataclass(frozen=True)
@@ -565,6 +593,35 @@ def decode(payload: bytes) -> Event:
     except cbor.CborError as exc:
         raise EventError([FieldError("$", str(exc))]) from None
     return from_map(m)
+
+
+def vin_check_digit(vin: str) -> str:
+    """The check digit position 9 of ``vin`` (17 VIN characters) must carry: 0-9, or X for ten."""
+    remainder = sum(_VIN_VALUES[c] * w for c, w in zip(vin, _VIN_WEIGHTS, strict=True)) % 11
+    return "X" if remainder == 10 else str(remainder)
+
+
+def with_check_digit(vin: str) -> str:
+    """``vin`` with the check digit its other characters make (for examples, demos and tests)."""
+    return vin[:8] + vin_check_digit(vin) + vin[9:]
+
+
+def vin_problem(vin: str) -> str | None:
+    """Why ``vin`` is not a VIN (shape, or the check digit of ISO 3779 / GB 16735), or None."""
+    if not _VIN.fullmatch(vin):
+        return "must be a VIN: 17 characters, digits and A-Z without I, O, Q"
+    digit = vin_check_digit(vin)
+    if vin[8] != digit:
+        return f"check digit (position 9) is {vin[8]!r}, the other characters make it {digit!r}: a misread VIN"
+    return None
+
+
+def vin_problems(event: Event) -> list[FieldError]:
+    """VINs in the event whose check digit is wrong: the agent refuses to seal them (the server, which
+    keeps a validly signed event as evidence, does not refuse them for it)."""
+    vin = event.fields.get("vin")
+    problem = vin_problem(vin) if isinstance(vin, str) and _VIN.fullmatch(vin) else None
+    return [FieldError("vin", problem)] if problem else []
 
 
 def code_problems(event: Event) -> list[FieldError]:

@@ -221,8 +221,10 @@ def apply_vehicle(v: VehicleState, e: EventFacts, out: list[Finding]) -> None:
         elif e.type == "sold":
             v.state = "sold"
         elif e.type in ("swapped", "replaced"):
-            v.batteries.discard(f["code_out"])
-            v.batteries.add(f["code_in"])
+            # A swap may name one side `unidentified` (its code absent): the record tells only the other.
+            v.batteries.discard(f.get("code_out"))
+            if "code_in" in f:
+                v.batteries.add(f["code_in"])
         elif e.type == "vehicle_scrapped":
             missing = sorted(v.batteries - set(f["codes"]))
             if missing:

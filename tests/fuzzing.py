@@ -303,8 +303,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         },
         "scanner": {"codes": b"0RJPEA00HAU0AAG1C3000123\r\n\xff\xfe garbage\r\n" + b"A" * 5000 + b"\n"},
         "station": {
-            "swap": b"VEHICLE LNBSCB3F5PW123456\nOUT 3\nIN 5\nDONE\n",
-            "rig": b"CONFIRM rebalance cell 12 low\nREPLACE 0RJPEA00HAU0AAG1C3000131 LNBSCB3F5PW123456\n",
+            "swap": b"VEHICLE LNBSCB3F1PW123456\nOUT 3\nIN 5\nDONE\n",
+            "rig": b"CONFIRM rebalance cell 12 low\nREPLACE 0RJPEA00HAU0AAG1C3000131 LNBSCB3F1PW123456\n",
         },
         "gbt27930": {"session": can},
         "dbc": {"pack": b"".join(bytes([min(n, 2), len(d)]) + d for n, d in enumerate(_dbc_frames()))},

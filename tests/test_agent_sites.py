@@ -18,7 +18,7 @@ from harness.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 PACK_A, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 
 
 def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):

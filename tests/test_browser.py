@@ -26,7 +26,7 @@ from tests.world import DAY, World
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 PACK, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 
 
 def browser():

@@ -37,7 +37,7 @@ def test_a_candump_log_of_a_charging_session(tmp_path):
     names = [m["message"] for m in messages]
     assert names[:4] == ["CHM", "BHM", "CRM", "BRM"] and names.count("BCS") == 2
     brm = next(m for m in messages if m["message"] == "BRM")
-    assert brm["vin"] == "LNBSCB3F5PW123456" and brm["rated_voltage_v"] == 350.4
+    assert brm["vin"] == "LNBSCB3F1PW123456" and brm["rated_voltage_v"] == 350.4
 
 
 def test_an_asc_file_written_by_other_tools(tmp_path):

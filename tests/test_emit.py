@@ -56,7 +56,7 @@ def test_every_problem_names_the_field_and_what_is_valid(args, fragment):
 def test_files_report_each_bad_line(tmp_path):
     jsonl = tmp_path / "events.jsonl"
     jsonl.write_text(
-        json.dumps({"type": "installed", "code": PACK, "vin": "LNBSCB3F5PW123456"}) + "\n"
+        json.dumps({"type": "installed", "code": PACK, "vin": "LNBSCB3F1PW123456"}) + "\n"
         + "{not json\n"
         + json.dumps({"type": "installed", "code": PACK, "vin": "LNBSCB3F5PW12345O"}) + "\n"
         + "\n"
@@ -68,7 +68,7 @@ def test_files_report_each_bad_line(tmp_path):
     assert problems[0].startswith("line 2: not JSON")
     assert problems[1].startswith("line 3: vin") and problems[2] == "line 5: each line must be a JSON object"
     csv_file = tmp_path / "events.csv"
-    csv_file.write_text(f"type,code,vin,time\ninstalled,{PACK},LNBSCB3F5PW123456,2026-01-02\ninstalled,{PACK},,\n")
+    csv_file.write_text(f"type,code,vin,time\ninstalled,{PACK},LNBSCB3F1PW123456,2026-01-02\ninstalled,{PACK},,\n")
     drafts = list(emit.from_file(csv_file, "file", NOW))
     assert isinstance(drafts[0], Draft) and drafts[0].time_ms == 1767312000000
     assert [str(e) for e in drafts[1]] == ["line 3: vin: is required for 'installed' (VIN)"]
@@ -113,7 +113,7 @@ def test_emit_seals_delivers_and_is_receipted(tmp_path, record_server):
     produced = record_server.events("produced")
     assert len(produced) == 11 and {e.source for e in produced} == {"manual", "file"}
     assert produced[0].fields["children"] == ["0RJMEA00HAU0AAG1C3000200"]
-    wrong_role = run("installed", f"--field=code={PACK}", "--field=vin=LNBSCB3F5PW123456")
+    wrong_role = run("installed", f"--field=code={PACK}", "--field=vin=LNBSCB3F1PW123456")
     assert wrong_role.returncode == 1 and "a manufacturer may not sign 'installed'" in wrong_role.stderr
     broken = tmp_path / "broken.csv"
     broken.write_text(

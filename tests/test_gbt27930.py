@@ -79,7 +79,7 @@ def test_reference_brm_over_rts_cts_and_bsm():
         "production_date": "2024-05-17",
         "charge_count": 256,
         "ownership": "vehicle_owned",
-        "vin": "LNBSCB3F5PW123456",
+        "vin": "LNBSCB3F5PW123456",  # a reference capture: the bytes as recorded, check digit and all
     }
     assert bsm.fields["max_cell_number"] == 12 and bsm.fields["max_temperature_c"] == 31
     assert (bsm.fields["max_temperature_probe"], bsm.fields["min_temperature_c"]) == (3, 27)
@@ -118,7 +118,7 @@ def test_a_whole_charging_session_from_the_stub():
 
 def test_2011_brm_and_a_single_frame_brm_are_tolerated():
     old = gbt27930.decode(Message(0x0200, 0xF4, 0x56, stub.brm(stub.Pack(edition="2011")), 0))
-    assert old.fields["edition"] == "2011" and old.fields["vin"] == "LNBSCB3F5PW123456"
+    assert old.fields["edition"] == "2011" and old.fields["vin"] == "LNBSCB3F1PW123456"
     short = gbt27930.decode(Message(0x0200, 0xF4, 0x56, stub.brm(stub.Pack())[:8], 0))
     assert short.fields["rated_voltage_v"] == 350.4 and "manufacturer" not in short.fields
 

@@ -35,7 +35,7 @@ from tests.conftest import missing_service
 
 pytestmark = pytest.mark.hostile
 PACK_A, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 HEALTH = Draft("health", "label", {"code": PACK_A, "health": {"voltage_v": 52.8}, "slot": 1})
 
 

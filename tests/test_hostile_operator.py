@@ -370,7 +370,7 @@ def test_a_corrupt_record_is_one_line_and_exit_2_for_run_and_every_query(tmp_pat
     for args in [
         ("run",),
         ("trace", PACK),
-        ("vehicle", "LNBSCB3F5PW123456"),
+        ("vehicle", "LNBSCB3F1PW123456"),
         ("device", "station-1"),
         ("audit", "station-1"),
         ("findings",),

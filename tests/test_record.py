@@ -11,7 +11,7 @@ from battery_trace.server.store import RuleSettings, Store
 from tests.world import DAY, T0, World
 
 PACK, PACK_B, PACK_C = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124", "0RJPEA00HAU0AAG1C3000125"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 HEALTH = {"soc_pct": 80, "voltage_v": 350.0}
 
 

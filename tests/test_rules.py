@@ -8,7 +8,7 @@ from battery_trace.server.rules import EventFacts
 T0 = 1_767_225_600_000
 DAY = rules.DAY_MS
 PACK, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN, VIN_B = "LNBSCB3F5PW123456", "LNBSCB3F5PW654321"
+VIN, VIN_B = "LNBSCB3F1PW123456", "LNBSCB3F5PW654321"
 
 
 def ev(n: int, event_type: str, day: float, device: str = "dev", **fields) -> EventFacts:

@@ -151,17 +151,31 @@ def test_pollers_get_through_a_noisy_line(tmp_path, protocol):
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ("VEHICLE lnbscb3f5pw123456", station.StationCommand("VEHICLE", vin="LNBSCB3F5PW123456")),
+        ("VEHICLE lnbscb3f1pw123456", station.StationCommand("VEHICLE", vin="LNBSCB3F1PW123456")),
         ("out 3", station.StationCommand("OUT", slot=3)),
         ("DONE", station.StationCommand("DONE")),
         ("   ", "empty"),  # found by the fuzzer: a blank line once raised IndexError
         ("OUT three", "bad_slot"),
-        ("VEHICLE 123", "bad_vin"),
+        ("REPLACE 0RJPEA00HAU0AAG1C3000124 123", "bad_vin"),
+        ("REPLACE 0RJPEA00HAU0AAG1C3000124 LNBSCB3F5PW123456", "bad_vin"),  # wrong check digit
+        ("OUT 2*7A", "bad_checksum"),
     ],
 )
 def test_station_lines_parse_or_name_the_problem(line, expected):
     result = station.parse(line)
     assert result == expected if isinstance(expected, station.StationCommand) else result.reason == expected
+
+
+@pytest.mark.parametrize("vin", ["123", "LNBSCB3F5PW123456", "LNBSCB3F1PW123456 X"])
+def test_a_vehicle_line_with_an_untrustworthy_vin_still_says_a_vehicle_came(vin):
+    """The bay must know a vehicle came in (its lines are kept apart from the previous one's), not who."""
+    result = station.parse(f"VEHICLE {vin}")
+    assert isinstance(result, station.StationCommand) and result.vin is None and result.text
+
+
+def test_a_checksummed_line_is_taken_only_when_its_checksum_matches():
+    assert station.parse(f"OUT 2*{station.checksum('OUT 2')}") == station.StationCommand("OUT", slot=2)
+    assert station.parse("OUT 2*00").reason == "bad_checksum"
 
 
 @given(st.text(max_size=200))

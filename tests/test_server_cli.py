@@ -18,7 +18,7 @@ from tests.world import DAY, T0, World
 
 BIN = Path(sys.executable).parent
 PACK, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from battery_trace.agent.readings import Health, Identity
 from battery_trace.agent.sealer import Draft
 from battery_trace.agent.workflows.swap_station import SwapStation
 
-VIN = "LNBSCB3F5PW100001"
+VIN = "LNBSCB3FXPW100001"
 OLD, NEW, STOCK = (f"0RJPEA00HAU0AAG1C3000{n}" for n in (101, 102, 103))
 
 

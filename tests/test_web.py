@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from tests.world import DAY, T0, World
 
 PACK, PACK_B = "0RJPEA00HAU0AAG1C3000123", "0RJPEA00HAU0AAG1C3000124"
-VIN = "LNBSCB3F5PW123456"
+VIN = "LNBSCB3F1PW123456"
 TOKEN = "s3cret-token"
 
 

@@ -81,6 +81,9 @@ def _offline_status(cfg: Any) -> dict[str, Any]:
         raise OutboxError(path, "read it", exc) from None
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                # An empty file (made before the first start finished, or by `touch`): nothing sealed yet.
+                return {"running": False, "outbox": {"depth": 0, "note": f"the outbox {path} is empty"}}
             depth, oldest = db.execute("SELECT COUNT(*), MIN(sealed_at) FROM outbox").fetchone()
             head = db.execute("SELECT MAX(last_seq) FROM chain").fetchone()[0] or 0
     except sqlite3.Error as exc:
@@ -208,7 +211,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "accepted and held while the outbox's disk is full: do not repeat it), 1 when the agent refused (reason "
         "on stderr), 2 on usage or configuration errors.",
         epilog="examples:\n  battery-agent confirm rebalance --note 'cell 12 low' -c rig.toml\n"
-        "  battery-agent confirm --replace-with 0RJPEA00HAU0AAG1C3000124 --vin LNBSCB3F5PW123456 -c rig.toml",
+        "  battery-agent confirm --replace-with 0RJPEA00HAU0AAG1C3000124 --vin LNBSCB3F1PW123456 -c rig.toml",
         formatter_class=RAW,
     )
     c.add_argument("action", nargs="?", choices=MAINTENANCE_ACTIONS)

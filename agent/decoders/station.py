@@ -13,6 +13,12 @@ and for a maintenance rig's keypad (or ``battery-agent confirm``):
 
     CONFIRM <action> [findings...]        the technician confirms a service action
     REPLACE <new code> <VIN> [reason...]  the pack was replaced in the vehicle by another
+
+Any line may end in ``*HH``: two hex digits, the XOR of every byte before the ``*`` (as NMEA 0183
+does). A line whose checksum does not match was garbled on the wire and is dropped (``bad_checksum``),
+never acted on. A VIN is checked by its check digit (ISO 3779 / GB 16735, position 9): a ``VEHICLE``
+line whose VIN is misread still says a vehicle came in, so it becomes a command with ``vin=None`` and
+the workflow keeps that vehicle's lines apart from every other's.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from dataclasses import dataclass
 
 from battery_trace.agent.readings import DecodeError
 from battery_trace.protocol.battery_code import normalise
-from battery_trace.protocol.events import MAINTENANCE_ACTIONS
+from battery_trace.protocol.events import MAINTENANCE_ACTIONS, vin_problem
 
-_VIN = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
+_CHECKSUM = re.compile(r"(.*)\*([0-9A-Fa-f]{2})\s*")
 
 
 @dataclass(frozen=True)
@@ -37,20 +43,46 @@ class StationCommand:
     code: str | None = None
 
 
-def _vin(word: str) -> str | None:
-    vin = word.strip().upper()
-    return vin if _VIN.fullmatch(vin) else None
+def checksum(text: str) -> str:
+    """The ``*HH`` a line's text must end with: the XOR of its bytes, in two upper-case hex digits."""
+    value = 0
+    for byte in text.encode("ascii", errors="replace"):
+        value ^= byte
+    return f"{value:02X}"
+
+
+def _verified(line: str) -> str | DecodeError:
+    """The line without its checksum, or why it must not be acted on."""
+    match = _CHECKSUM.fullmatch(line)
+    if match is None:
+        return line
+    text, given = match.groups()
+    if checksum(text) != given.upper():
+        return DecodeError("bad_checksum", f"{line.strip()[:60]!r}: checksum {given}, the text makes {checksum(text)}")
+    return text
+
+
+def _vehicle(words: list[str]) -> StationCommand:
+    """A vehicle came in; ``vin`` is None (and ``text`` says why) when its VIN cannot be trusted."""
+    if len(words) != 1:
+        return StationCommand("VEHICLE", text=f"needs one VIN, got {len(words)} words")
+    problem = vin_problem(words[0].upper())
+    if problem:
+        return StationCommand("VEHICLE", text=f"{words[0][:20]!r}: {problem}")
+    return StationCommand("VEHICLE", vin=words[0].upper())
 
 
 def parse(line: str) -> StationCommand | DecodeError:
-    words = line.split()
+    verified = _verified(line)
+    if isinstance(verified, DecodeError):
+        return verified
+    words = verified.split()
     if not words:
         return DecodeError("empty", "a blank line is not a command")
     verb = words[0].upper()
     rest = words[1:]
-    if verb == "VEHICLE" and len(rest) == 1:
-        vin = _vin(rest[0])
-        return StationCommand(verb, vin=vin) if vin else DecodeError("bad_vin", f"{rest[0]!r} is not a VIN")
+    if verb == "VEHICLE":
+        return _vehicle(rest)
     if verb in ("OUT", "IN") and len(rest) == 1:
         if rest[0].isdigit():
             return StationCommand(verb, slot=int(rest[0]))
@@ -63,8 +95,9 @@ def parse(line: str) -> StationCommand | DecodeError:
             return DecodeError("bad_action", f"{action!r}; valid: {', '.join(MAINTENANCE_ACTIONS)}")
         return StationCommand(verb, action=action, text=" ".join(rest[1:]) or None)
     if verb == "REPLACE" and len(rest) >= 2:
-        vin = _vin(rest[1])
-        if not vin:
-            return DecodeError("bad_vin", f"{rest[1]!r} is not a VIN")
+        vin = rest[1].strip().upper()
+        problem = vin_problem(vin)
+        if problem:
+            return DecodeError("bad_vin", f"{rest[1][:20]!r}: {problem}")
         return StationCommand(verb, code=normalise(rest[0]), vin=vin, text=" ".join(rest[2:]) or None)
     return DecodeError("bad_command", f"{line.strip()[:60]!r}; valid: VEHICLE, OUT, IN, DONE, ABORT, CONFIRM, REPLACE")

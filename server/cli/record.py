@@ -37,7 +37,7 @@ def _event_line(e: dict[str, Any], code: str | None = None) -> str:
         detail = f"into {f['vin']}"
     elif what in ("swapped", "replaced"):
         if code is None:
-            detail = f"{f['code_out']} out, {f['code_in']} in"
+            detail = f"{f.get('code_out', 'unidentified')} out, {f.get('code_in', 'unidentified')} in"
         else:
             detail = f"out of {f['vin']}" if f.get("code_out") == code else f"into {f['vin']}"
     elif what == "vehicle_scrapped":
@@ -313,7 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "vehicle",
         help="a vehicle's batteries and events",
-        epilog="example:\n  battery-server vehicle LNBSCB3F5PW123456",
+        epilog="example:\n  battery-server vehicle LNBSCB3F1PW123456",
         formatter_class=raw,
     )
     v.add_argument("vin")
