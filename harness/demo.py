@@ -112,7 +112,7 @@ class Demo:
         # The sites start once the collector listens, so their first events are not published to no one.
         collectors.wait_subscribed(log_path, after=earlier)
         token_file = self.dir / "server" / "web.token"  # written by `init` in setup
-        self.url = f"http://127.0.0.1:{self.web_port}/?token={token_file.read_text().strip()}"
+        self.url = f"http://127.0.0.1:{self.web_port}/#token={token_file.read_text().strip()}"
         for site in [*self.stations, self.rig, self.gateway]:
             site.start()
 

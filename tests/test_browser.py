@@ -133,3 +133,23 @@ def test_the_dashboard_shows_the_record_and_traces_a_battery(running_server):
         time.sleep(0)  # the page refreshes itself every 5 s; nothing more to wait for
     finally:
         driver.quit()
+
+
+def test_the_printed_address_leaves_no_token_in_the_address_or_history(running_server):
+    """/#token=… as the server prints it: the fragment never reaches the server; the page trades it for
+    the cookie and replaces the address, so neither the address bar nor the history keeps the token."""
+    from selenium.webdriver.common.by import By
+
+    store = running_server["store"]
+    driver = browser()
+    try:
+        driver.get(f"{running_server['url']}/#token={running_server['token']}")
+        wait_until(
+            lambda: driver.find_element(By.ID, "t-events").text == str(store.counts()["events"]), 20, "the totals"
+        )
+        assert running_server["token"] not in driver.execute_script("return window.location.href")
+        driver.get("about:blank")
+        driver.back()  # the history entry is the page without the token
+        assert running_server["token"] not in driver.execute_script("return window.location.href")
+    finally:
+        driver.quit()

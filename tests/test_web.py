@@ -41,7 +41,10 @@ def client(store_url):
 
 def test_no_token_no_data_and_the_token_moves_into_a_cookie(client):
     assert client.get("/api/overview").status_code == 401
-    assert client.get("/").status_code == 401
+    shell = client.get("/")  # the page without data: its script logs in with the token from #token=
+    assert shell.status_code == 200 and "<script" in shell.text
+    assert client.post("/login", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "set-cookie" not in client.post("/login", headers={"Authorization": "Bearer wrong"}).headers
     assert client.get("/api/overview", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/overview", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     first = client.get(f"/?token={TOKEN}", follow_redirects=False)
@@ -93,3 +96,13 @@ def test_metrics_are_open_and_bounded(client):
     text = client.get("/metrics").text
     assert "bt_server_devices_enrolled 3.0" in text and "bt_server_devices_online 1.0" in text
     assert "bt_server_commit_seconds_bucket" in text and "station-1" not in text  # no label per device
+
+
+def test_the_fragments_token_is_traded_for_a_cookie(client):
+    """The printed address is /#token=…: the page's script posts the fragment's token to /login, which
+    answers with the cookie (never cached); from then on the API answers."""
+    assert client.get("/api/overview").status_code == 401
+    done = client.post("/login", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert done.status_code == 204 and done.headers["cache-control"] == "no-store"
+    assert "httponly" in done.headers["set-cookie"].lower() and "samesite=strict" in done.headers["set-cookie"].lower()
+    assert client.get("/api/overview").status_code == 200

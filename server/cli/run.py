@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         web.start()
         listener = StatusListener(cfg.intake.host, cfg.intake.port, cfg.intake.client_id, store, cfg.intake.tls)
         listener.start()
-        log.info("dashboard: http://%s:%d/?token=TOKEN, TOKEN from %s", host, port, token_from)
+        log.info("dashboard: http://%s:%d/#token=TOKEN, TOKEN from %s", host, port, token_from)
     try:
         collector.run(stop)
     finally:

@@ -1,9 +1,14 @@
 """The dashboard and its JSON API (documented in docs/api.md): read-only, token-protected, no external
 CDN (every asset is served from here, so it works on a site without internet).
 
-The token comes in as ``Authorization: Bearer <token>``, or once as ``?token=`` in the dashboard's
-address, after which a cookie (HttpOnly, SameSite=Strict) carries it. ``/healthz`` and ``/metrics``
-are open, for load balancers and Prometheus; bind the listener to an internal address.
+The token comes in as ``Authorization: Bearer <token>``, or once in the dashboard's address, after which
+a cookie (HttpOnly, SameSite=Strict, Secure behind TLS) carries it. The address the server prints is
+``/#token=…``: a fragment never reaches the server, a proxy's log or a Referer, and the page's script
+exchanges it for the cookie (``POST /login``) and takes it out of the address and the browser's history
+at once. ``/?token=…`` still works (redirected to the cookie), for links people already have. The page
+itself (``/``) is a shell without data, open to anyone; every answer with data needs the token.
+``/healthz`` and ``/metrics`` are open, for load balancers and Prometheus; bind the listener to an
+internal address.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/healthz", "/metrics", "/static/")
+SHELL = "/"  # the page without data: its script logs in with the token from the address's fragment
 COOKIE = "bt_token"
 
 
@@ -48,17 +54,15 @@ class TokenAuth(BaseHTTPMiddleware):
         if path.startswith(OPEN_PATHS):
             return await call_next(request)
         query = request.query_params.get("token")
-        if self._valid(query):  # the address the server printed: move the token into a cookie, out of the URL
-            response = RedirectResponse(request.url.remove_query_params("token").path, status_code=303)
-            # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
-            # browser never sends the token over plain HTTP; the redirect itself is never cached.
-            secure = request.url.scheme == "https"
-            response.set_cookie(COOKIE, query or "", httponly=True, samesite="strict", secure=secure)
-            response.headers["Cache-Control"] = "no-store"
-            return response
+        if self._valid(query):  # an older link: move the token into a cookie, out of the URL
+            return self._logged_in(request, query or "", RedirectResponse(request.url.path, status_code=303))
         header = request.headers.get("authorization", "")
         bearer = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-        if self._valid(bearer) or self._valid(request.cookies.get(COOKIE)):
+        if path == "/login" and request.method == "POST":
+            if not self._valid(bearer):
+                return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+            return self._logged_in(request, bearer or "", Response(status_code=204))
+        if self._valid(bearer) or self._valid(request.cookies.get(COOKIE)) or path == SHELL:
             return await call_next(request)
         if path.startswith("/api/"):
             return JSONResponse({"error": "missing or wrong token"}, status_code=401)
@@ -75,6 +79,16 @@ HYGIENE = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+    @staticmethod
+    def _logged_in(request: Request, token: str, response: Response) -> Response:
+        # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
+        # browser never sends the token over plain HTTP; the answer itself is never cached.
+        secure = request.url.scheme == "https"
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure)
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
 
 class Hygiene(BaseHTTPMiddleware):

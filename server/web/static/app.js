@@ -146,5 +146,18 @@ $("battery-form").addEventListener("submit", (e) => { e.preventDefault(); showBa
 $("vehicle-form").addEventListener("submit", (e) => { e.preventDefault(); showVehicle($("vehicle-vin").value.trim()); });
 $("findings-form").addEventListener("change", refreshFindings);
 $("rejects-form").addEventListener("change", refreshRejects);
-refresh();
+// The address the server prints carries the token in its fragment (#token=…), which never reaches the
+// server, a proxy's log or a Referer: exchange it for the cookie once, and take it out of the address
+// (and so out of the browser's history) before anything else happens.
+async function login() {
+  const match = location.hash.match(/^#token=(.+)$/);
+  if (!match) return;
+  history.replaceState(null, "", location.pathname + location.search);
+  const response = await fetch("/login", {
+    method: "POST", headers: { Authorization: `Bearer ${decodeURIComponent(match[1])}` }, credentials: "same-origin",
+  });
+  if (!response.ok) $("updated").textContent = "not logged in: open the address the server printed";
+}
+
+login().then(refresh);
 setInterval(refresh, 5000);
