@@ -70,6 +70,15 @@ class TokenAuth(BaseHTTPMiddleware):
             "Open the dashboard with the address the server printed (it holds the token).\n", status_code=401
         )
 
+    @staticmethod
+    def _logged_in(request: Request, token: str, response: Response) -> Response:
+        # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
+        # browser never sends the token over plain HTTP; the answer itself is never cached.
+        secure = request.url.scheme == "https"
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
 
 # Every answer: not in a frame (clickjacking), scripts and styles only from here, no referrer to any
 # other site (an address may hold a battery code or a VIN), no content-type sniffing.
@@ -79,16 +88,6 @@ HYGIENE = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
 }
-
-
-    @staticmethod
-    def _logged_in(request: Request, token: str, response: Response) -> Response:
-        # Secure behind TLS (https here, or X-Forwarded-Proto from a proxy uvicorn trusts), so the
-        # browser never sends the token over plain HTTP; the answer itself is never cached.
-        secure = request.url.scheme == "https"
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=secure)
-        response.headers["Cache-Control"] = "no-store"
-        return response
 
 
 class Hygiene(BaseHTTPMiddleware):
