@@ -294,6 +294,16 @@ def _refuse(decoder: Any) -> Any:
 _PLAIN_VALUE_TAGS = dict.fromkeys((2, 3, 25, 28, 29, 256, 55799), _refuse)
 
 
+def _strict(max_depth: int) -> dict[str, Any]:
+    """cbor2's settings for the fast path: what the strict decoder refuses, cbor2 refuses or declines."""
+    return {
+        "allow_duplicate_keys": False,
+        "allow_indefinite": False,
+        "max_depth": max_depth + 2,
+        "semantic_decoders": _PLAIN_VALUE_TAGS,
+    }
+
+
 def _fast(data: bytes, deterministic: bool, tags: frozenset[int], max_depth: int) -> Any:
     if deterministic and _cbor_check is not None:
         # The C check vouches for the form and the subset, so cbor2's result is the strict decoder's.
@@ -305,24 +315,12 @@ def _fast(data: bytes, deterministic: bool, tags: frozenset[int], max_depth: int
             raise _NotSure from exc
     try:
         if deterministic:
-            value = cbor2.loads(
-                data,
-                allow_duplicate_keys=False,
-                allow_indefinite=False,
-                max_depth=max_depth + 2,
-                semantic_decoders=_PLAIN_VALUE_TAGS,
-            )
+            value = cbor2.loads(data, **_strict(max_depth))
             # Re-encoded before _plain replaces anything; trailing bytes, too, make the bytes differ.
             whole = cbor2.dumps(value, canonical=True) == data
         else:
             fp = io.BytesIO(data)
-            value = cbor2.CBORDecoder(
-                fp,
-                allow_duplicate_keys=False,
-                allow_indefinite=False,
-                max_depth=max_depth + 2,
-                semantic_decoders=_PLAIN_VALUE_TAGS,
-            ).decode()
+            value = cbor2.CBORDecoder(fp, **_strict(max_depth)).decode()
             whole = fp.tell() == len(data)
     except Exception as exc:  # any complaint at all: the strict decoder decides and explains
         raise _NotSure from exc

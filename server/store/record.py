@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, TypeVar
 
 from battery_trace.protocol.events import ZERO_HASH
 from battery_trace.protocol.text import escaped
@@ -441,6 +442,40 @@ def _applied(row: tuple[Any, ...]) -> Order | None:
     return None if row[0] is None else (row[0], row[1], row[2], row[3])
 
 
+State = TypeVar("State", rules.BatteryState, rules.VehicleState)
+
+
+def _up_to_date(
+    tx: Tx,
+    at: float,
+    new: list[EventFacts],
+    applied: Order | None,
+    *,
+    stored: Callable[[], State],
+    step: Callable[[State, EventFacts, list[Finding]], None],
+    replay: Callable[[list[EventFacts]], tuple[State, list[Finding]]],
+    lifecycle: tuple[str, str],
+    findings: tuple[str, tuple[str, ...]],
+) -> tuple[State, Order]:
+    """A battery's or vehicle's state after this batch's lifecycle events (``new``, in order), and the
+    order key of the last one applied. When they all come after the last event applied to the stored
+    state, they are steps from it and their findings are raised; otherwise the whole lifecycle
+    (``lifecycle``: its query and subject) is replayed and the replayed kinds of ``findings``
+    (subject, kinds) are made exactly what the replay found."""
+    if applied is not None and new[0].order() > applied:
+        state = stored()
+        found: list[Finding] = []
+        for e in new:
+            step(state, e, found)
+        for f in found:
+            _upsert(tx, f, at)
+        return state, new[-1].order()
+    every = _lifecycle_facts(tx, *lifecycle)
+    state, found = replay(every)
+    _reconcile(tx, *findings, found, at)
+    return state, max(e.order() for e in every)
+
+
 def _batteries(
     tx: Tx,
     latest: Mapping[str, EventFacts],
@@ -472,20 +507,17 @@ def _batteries(
         newest = max(last_event_ms, latest[code].time_ms)
         new = sorted(lifecycle.get(code, ()), key=EventFacts.order)
         if new:
-            applied = _applied(tuple(applied_row))
-            found: list[Finding] = []
-            if applied is not None and new[0].order() > applied:
-                s = rules.BatteryState(code, state, vin, place, oos, final_ms, last_event_ms)
-                for e in new:
-                    rules.apply_battery(s, e, found)
-                for f in found:
-                    _upsert(tx, f, at)
-                last = new[-1].order()
-            else:
-                every = _lifecycle_facts(tx, _BATTERY_LIFECYCLE, code)
-                s, found = rules.replay_battery(code, every)
-                _reconcile(tx, rules.battery(code), rules.REPLAYED_BATTERY_KINDS, found, at)
-                last = max(e.order() for e in every)
+            s, last = _up_to_date(
+                tx,
+                at,
+                new,
+                _applied(tuple(applied_row)),
+                stored=partial(rules.BatteryState, code, state, vin, place, oos, final_ms, last_event_ms),
+                step=rules.apply_battery,
+                replay=partial(rules.replay_battery, code),
+                lifecycle=(_BATTERY_LIFECYCLE, code),
+                findings=(rules.battery(code), rules.REPLAYED_BATTERY_KINDS),
+            )
             tx.execute(
                 "UPDATE batteries SET state = ?, vin = ?, place = ?, out_of_service_ms = ?, final_ms = ?, "
                 "last_event_ms = ?, last_received_at = ?, applied_ms = ?, applied_received = ?, applied_kid = ?, "
@@ -548,21 +580,17 @@ def _vehicles(tx: Tx, vins: list[str], lifecycle: Mapping[str, list[EventFacts]]
             f"FROM vehicles WHERE vin = ?{tx.dialect.for_update}",
             (vin,),
         ) or ("unknown", "[]", 0, None, None, None, None)
-        new = sorted(lifecycle[vin], key=EventFacts.order)
-        applied = _applied(tuple(applied_row))
-        if applied is not None and new[0].order() > applied:
-            v = rules.VehicleState(vin, state, set(json.loads(batteries)), last_event_ms)
-            found: list[Finding] = []
-            for e in new:
-                rules.apply_vehicle(v, e, found)
-            for f in found:
-                _upsert(tx, f, at)
-            last = new[-1].order()
-        else:
-            every = _lifecycle_facts(tx, _VEHICLE_LIFECYCLE, vin)
-            v, found = rules.replay_vehicle(vin, every)
-            _reconcile(tx, rules.vehicle(vin), rules.REPLAYED_VEHICLE_KINDS, found, at)
-            last = max(e.order() for e in every)
+        v, last = _up_to_date(
+            tx,
+            at,
+            sorted(lifecycle[vin], key=EventFacts.order),
+            _applied(tuple(applied_row)),
+            stored=partial(rules.VehicleState, vin, state, set(json.loads(batteries)), last_event_ms),
+            step=rules.apply_vehicle,
+            replay=partial(rules.replay_vehicle, vin),
+            lifecycle=(_VEHICLE_LIFECYCLE, vin),
+            findings=(rules.vehicle(vin), rules.REPLAYED_VEHICLE_KINDS),
+        )
         tx.execute(
             "UPDATE vehicles SET state = ?, batteries = ?, last_event_ms = ?, applied_ms = ?, applied_received = ?, "
             "applied_kid = ?, applied_seq = ? WHERE vin = ?",
