@@ -154,6 +154,7 @@ class Agent:
             "alarm": "; ".join(self.alarms()) or None,
             "held": len(self.sealer.held),
             "sources_down": sum(not s.connected for s in self.sources),
+            "sources_silent": len(self.silent_sources()),  # open, yet no reading for absent_after_s
         }
 
     def status(self) -> dict[str, Any]:

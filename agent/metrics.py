@@ -50,6 +50,12 @@ def render(agent: Agent) -> str:
         [({}, 1 if agent.sealer.alarm else 0)],
     )
     lines += metric_lines(
+        "bt_agent_alarms",
+        "Alarms an operator must act on (outbox, receipts, bindings, swaps); /healthz says what each is.",
+        "gauge",
+        [({}, len(agent.alarms()))],
+    )
+    lines += metric_lines(
         "bt_agent_receipt_alarm",
         "1 when a receipt told of another chain under this device's key (a restored or cloned outbox).",
         "gauge",
