@@ -385,7 +385,9 @@ def _check_health(path: str, v: Any) -> list[FieldError]:
                 and (value >= 0 or key in _SIGNED_HEALTH)
             ):
                 continue
-        errors.extend(_health_value_errors(f"{path}.{_name(key)}", key, value))
+        # The contract's own names go into the path as they are; only a device's own is quoted.
+        name = key if key in HEALTH_FIELDS else _name(key)
+        errors.extend(_health_value_errors(f"{path}.{name}", key, value))
     return errors
 
 

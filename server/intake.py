@@ -80,58 +80,49 @@ def _device_of(topic: str) -> str:
 
 class Inbox:
     """Arrivals waiting to be checked: put a socket read's worth at once, take a batch at once, so
-    the cost of locking and waking is per batch rather than per message."""
+    the cost of locking and waking is per batch rather than per message. Kept per device, in each
+    device's arrival order: when more wait than a batch holds, each device waiting gets its share of
+    the batch first (round by round), so one device's flood delays only itself, while a device's own
+    messages keep their order (which decides, for a fork, which event stays the record). Taking costs
+    what is taken, not what is waiting."""
 
     def __init__(self) -> None:
-        self._items: deque[Arrival] = deque()
+        self._queues: dict[str, deque[Arrival]] = {}  # per device; a dict keeps the devices' first arrival
+        self._count = 0
         self._ready = threading.Condition()
 
     def put(self, items: list[Arrival]) -> None:
+        keyed = [(_device_of(message.topic), (generation, message)) for generation, message in items]
         with self._ready:
-            self._items.extend(items)
+            for device, item in keyed:
+                queue = self._queues.get(device)
+                if queue is None:
+                    queue = self._queues[device] = deque()
+                queue.append(item)
+            self._count += len(keyed)
             self._ready.notify()
 
     def take(self, limit: int, wait_s: float, linger_s: float) -> list[Arrival]:
-        """Up to ``limit`` arrivals: waits ``wait_s`` for a first one, then up to ``linger_s`` for more.
-        When more are waiting than fit, each device waiting gets its share of the batch first and the
-        rest fills in arrival order, so one device's flood delays only itself; a device's own messages
-        keep their order (which decides, for a fork, which event stays the record)."""
-        items = self._items
+        """Up to ``limit`` arrivals: waits ``wait_s`` for a first one, then up to ``linger_s`` for more."""
         with self._ready:
-            if not items and not self._ready.wait(wait_s):
+            if not self._count and not self._ready.wait(wait_s):
                 return []
             deadline = time.monotonic() + linger_s
-            while len(items) < limit and (remaining := deadline - time.monotonic()) > 0:
+            while self._count < limit and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
-            if len(items) <= limit:
-                taken = list(items)
-                items.clear()
-                return taken
-            return self._fair_share(limit)
-
-    def _fair_share(self, limit: int) -> list[Arrival]:
-        waiting = list(self._items)
-        devices = Counter(_device_of(m.topic) for _, m in waiting)
-        share = max(1, limit // len(devices))
-        counts: Counter[str] = Counter()
-        chosen = [False] * len(waiting)
-        taken = 0
-        for i, (_, message) in enumerate(waiting):  # every device's share first, in arrival order
-            device = _device_of(message.topic)
-            if counts[device] < share and taken < limit:
-                counts[device] += 1
-                chosen[i] = True
-                taken += 1
-        for i in range(len(waiting)):  # then what room is left, in arrival order
-            if taken >= limit:
-                break
-            if not chosen[i]:
-                chosen[i] = True
-                taken += 1
-        # Both passes take in arrival order, so what is taken of each device is a prefix of its own
-        # messages: a later one never overtakes an earlier one.
-        self._items = deque(item for item, keep in zip(waiting, chosen, strict=True) if not keep)
-        return [item for item, keep in zip(waiting, chosen, strict=True) if keep]
+            taken: list[Arrival] = []
+            while self._queues and len(taken) < limit:
+                share = max(1, (limit - len(taken)) // len(self._queues))
+                for device in list(self._queues):
+                    queue = self._queues[device]
+                    for _ in range(min(share, len(queue), limit - len(taken))):
+                        taken.append(queue.popleft())
+                    if not queue:
+                        del self._queues[device]
+                    if len(taken) >= limit:
+                        break
+            self._count -= len(taken)
+            return taken
 
 
 @dataclass(frozen=True)

@@ -376,9 +376,10 @@ def _derive(tx: Tx, new: list[Accepted], at: float, settings: RuleSettings) -> l
     vins: set[str] = set()
     for item in new:
         facts = _facts(item, at)
-        ahead = rules.clock_ahead(facts, item.event.time_ms, settings.clock_tolerance_minutes)
-        if ahead:
-            out.append(ahead)
+        if item.event.time_ms > facts.time_ms:  # dated after its arrival: perhaps a clock far ahead
+            ahead = rules.clock_ahead(facts, item.event.time_ms, settings.clock_tolerance_minutes)
+            if ahead:
+                out.append(ahead)
         for problem in item.code_problems:
             code = dict(item.event.codes())[problem.path]
             out.append(Finding("invalid_code", rules.battery(code), facts.ref, f"{problem.path}: {problem.message}"))
