@@ -49,8 +49,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 -- Server keys the agent learned from receipts signed by a key it already trusted (a rotation).
 CREATE TABLE IF NOT EXISTS server_keys (
-    public_key BLOB PRIMARY KEY,
-    learned_at REAL NOT NULL
+    public_key BLOB NOT NULL,
+    vouched_by BLOB NOT NULL,  -- the configured key whose receipt announced it
+    learned_at REAL NOT NULL,
+    PRIMARY KEY (public_key, vouched_by)
 );
 CREATE TABLE IF NOT EXISTS bay (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -251,17 +253,21 @@ class Outbox:
         ).fetchall()
         return [Pending(*row) for row in rows]
 
-    def server_keys(self) -> list[bytes]:
-        """Raw public keys learned from receipts (the configured key is trusted besides these)."""
-        return [row[0] for row in self._db.execute("SELECT public_key FROM server_keys ORDER BY learned_at")]
+    def server_keys(self, vouched_by: bytes) -> list[bytes]:
+        """Raw public keys learned from receipts the configured key ``vouched_by`` signed (that key is
+        trusted besides these; keys another configured key once vouched for are not)."""
+        rows = self._db.execute(
+            "SELECT public_key FROM server_keys WHERE vouched_by = ? ORDER BY learned_at", (vouched_by,)
+        )
+        return [row[0] for row in rows]
 
-    def learn_server_key(self, public_raw: bytes) -> bool:
+    def learn_server_key(self, public_raw: bytes, vouched_by: bytes) -> bool:
         """Keep a server key a trusted receipt announced; True when it is new. A write the disk refuses
         is tried again with the next receipt that names it."""
         try:
             cur = self._db.execute(
-                "INSERT INTO server_keys (public_key, learned_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                (public_raw, time.time()),
+                "INSERT INTO server_keys (public_key, vouched_by, learned_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (public_raw, vouched_by, time.time()),
             )
         except sqlite3.Error as exc:
             log.warning(

@@ -64,7 +64,9 @@ class Uplink:
         self.kid = device_kid
         # The configured server key, and the ones learned since from receipts it (or a learned one)
         # signed: a rotation of the server's key does not stop receipts.
-        self.server_keys = [server_key, *(PublicKey(raw) for raw in outbox.server_keys() if raw != server_key.raw)]
+        self.configured_key = server_key
+        learned = outbox.server_keys(vouched_by=server_key.raw)
+        self.server_keys = [server_key, *(PublicKey(raw) for raw in learned if raw != server_key.raw)]
         self.wake = asyncio.Event()  # set when something was sealed or a receipt arrived
         self.sent: dict[tuple[bytes, int], float] = {}  # (kid, seq) -> when last published
         self.counters: Counter[str] = Counter()
@@ -181,10 +183,13 @@ class Uplink:
             log.warning("%s", exc)
             return 0
         self.counters["receipts"] += 1
-        if receipt.next_key is not None and all(k.raw != receipt.next_key.raw for k in self.server_keys):
-            if self.outbox.learn_server_key(receipt.next_key.raw):
+        announced = receipt.next_key
+        # Only the configured key announces: a learned key cannot vouch for another, so a leaked key's
+        # announcement ends when the configured key is re-provisioned.
+        if announced is not None and receipt.signer == self.configured_key.kid and announced not in self.server_keys:
+            if self.outbox.learn_server_key(announced.raw, vouched_by=self.configured_key.raw):
                 log.info("the server announced its next key %s; receipts it signs are trusted", receipt.next_key.hex)
-            self.server_keys.append(receipt.next_key)
+            self.server_keys.append(announced)
             self.counters["server_keys_learned"] += 1
         pruned = self.outbox.prune(receipt.kid, receipt.watermark, receipt.hash)
         if pruned is None:

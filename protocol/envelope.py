@@ -167,10 +167,10 @@ def _usual_shape(data: bytes) -> tuple[bytes, bytes, bytes] | None:
     return protected_raw, payload, signature
 
 
-def _general_shape(data: bytes) -> tuple[bytes, dict[Any, Any], Any, Any]:
+def _general_shape(data: bytes, canonical: bool = True) -> tuple[bytes, dict[Any, Any], Any, Any]:
     """(protected, unprotected, payload, signature) of any COSE_Sign1 the contract's CBOR can carry."""
     try:
-        item = cbor.decode(data, deterministic=True, tags=frozenset({COSE_SIGN1_TAG}))
+        item = cbor.decode(data, deterministic=canonical, tags=frozenset({COSE_SIGN1_TAG}))
     except cbor.CborError as exc:
         raise EnvelopeError("malformed", f"not CBOR the contract accepts: {exc}") from None
     if not isinstance(item, cbor.Tag):
@@ -184,9 +184,12 @@ def _general_shape(data: bytes) -> tuple[bytes, dict[Any, Any], Any, Any]:
     return protected_raw, _header_map(unprotected, "unprotected"), payload, signature
 
 
-def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
+def decode(data: bytes, *, max_size: int = MAX_ENVELOPE, canonical: bool = True) -> Envelope:
     """Parse an envelope without verifying it.
 
+    ``canonical``: only the canonical outer form (what receivers accept). Bytes already in a record
+    were accepted under the rules of their day, and a record must stay readable: those are read with
+    ``canonical=False`` (any COSE_Sign1 the contract's CBOR can carry, headers as they came).
     Raises EnvelopeError with reason ``too_large`` or ``malformed``.
     """
     if len(data) > max_size:
@@ -195,7 +198,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
     if usual is not None:
         (protected_raw, payload, signature), unprotected = usual, {}
     else:
-        protected_raw, unprotected, payload, signature = _general_shape(data)
+        protected_raw, unprotected, payload, signature = _general_shape(data, canonical)
     protected = _protected_header(protected_raw)
     if payload is None:
         raise EnvelopeError("malformed", "detached payloads are not supported: the payload must be in the envelope")
@@ -208,7 +211,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENVELOPE) -> Envelope:
         raise EnvelopeError("malformed", f"header labels {sorted(map(str, both))} appear in both buckets")
     # (An alg there is left to check_headers, which refuses it with the more useful reason.)
     extra = set(unprotected) - {HEADER_ALG}
-    if extra and (extra != {HEADER_KID} or HEADER_KID in protected):
+    if canonical and extra and (extra != {HEADER_KID} or HEADER_KID in protected):
         labels = sorted(map(str, extra))
         raise EnvelopeError(
             "malformed",

@@ -11,7 +11,9 @@ event up to it is the agent's own; when it is not, the server holds another chai
 The server's key can change without stopping receipts: while a next key is configured, every receipt
 names it (``next_key``), signed by the current key, and an agent that verifies such a receipt trusts the
 next key from then on (it keeps it beside its outbox). Once the fleet has heard it, the server signs
-with the next key (docs/operator-guide.md, "Rotate the server's key").
+with the next key (docs/operator-guide.md, "Rotate the server's key"). Only the key an agent is
+configured with may announce one, and what it announced is trusted only while it is the configured key:
+re-provisioning the configured key after a leak drops whatever the leaked key announced.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Receipt:
     hash: bytes  # the envelope hash of the event at the watermark (zeros when the watermark is 0)
     time_ms: int
     next_key: PublicKey | None = None  # the key the server will sign with next, vouched for by this receipt
+    signer: bytes | None = None  # the key id that signed it (set by verify; not part of the payload)
 
     def to_map(self) -> dict[str, object]:
         return {
@@ -90,4 +93,4 @@ def verify(data: bytes, server_keys: Sequence[PublicKey], device: str, device_ki
         next_key = None if next_raw is None else PublicKey(next_raw)
     except (keys.InvalidKey, TypeError):
         raise ReceiptError("receipt refused: next_key is not an Ed25519 public key") from None
-    return Receipt(dev, kid, watermark, digest, time_ms, next_key)
+    return Receipt(dev, kid, watermark, digest, time_ms, next_key, signer.kid)

@@ -16,6 +16,13 @@ from typing import Any
 
 TEXT_RULE = "one line of text without control characters (U+0000-U+001F, U+007F-U+009F) or surrogates"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# What ``escaped`` writes as escapes: the controls and surrogates above, and the characters that are text
+# but can reorder or hide what a person reads (bidirectional controls, zero-width and invisible
+# characters, line and paragraph separators).
+_HIDDEN = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+    r"\ud800-\udfff]"
+)
 # Longest device-supplied value quoted in a message; the rest is summarised by its length.
 SHOWN_MAX = 80
 # Integers beyond this many bits are summarised: their decimal form alone could fill a message.
@@ -50,10 +57,11 @@ def shown(value: Any, limit: int = SHOWN_MAX) -> str:
 
 
 def escaped(text: str, limit: int | None = None) -> str:
-    """``text`` with every control character and surrogate written as its escape, so that it is valid
-    text for every backend and every terminal; cut to ``limit`` characters (marked) when given."""
-    if _CONTROL.search(text):
-        text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    """``text`` with every control character, surrogate and character that could reorder or hide what a
+    person reads written as its escape (``\\x00``, ``\\u202e``), so that it is valid text for every
+    backend and shows as it is in every terminal; cut to ``limit`` characters (marked) when given."""
+    if _HIDDEN.search(text):
+        text = _HIDDEN.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
     if limit is not None and len(text) > limit:
         return f"{text[: limit - 1]}…"
     return text

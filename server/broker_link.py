@@ -83,8 +83,10 @@ class BrokerLink:
         self._lock = threading.Lock()
         self._out = bytearray()  # acknowledgements and pings queued for the socket
         self._unsent = b""  # taken from the queue, not yet accepted by the socket
-        self._receipts: dict[str, bytes] = {}  # topic -> newest receipt not yet sent
-        self._in_flight: dict[int, tuple[str, bytes]] = {}  # our QoS 1 PUBLISHes awaiting PUBACK
+        # (topic, what it is about) -> newest receipt not yet sent: a newer receipt for the same device key
+        # replaces an older one, while receipts for a device's other keys (a rotation's backlog) are kept.
+        self._receipts: dict[tuple[str, bytes], bytes] = {}
+        self._in_flight: dict[int, tuple[tuple[str, bytes], bytes]] = {}  # our QoS 1 PUBLISHes awaiting PUBACK
         self._unacked: set[int] = set()  # the broker's packet ids delivered to us, not yet acknowledged
         self._send_quota = 0
         self._next_id = 0
@@ -120,9 +122,9 @@ class BrokerLink:
         self._wake()
         return len(packet_ids)
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, about: bytes = b"") -> None:
         with self._lock:
-            self._receipts[topic] = payload
+            self._receipts[(topic, about)] = payload
         self._wake()
 
     def _wake(self) -> None:
@@ -205,8 +207,8 @@ class BrokerLink:
                 self.generation = next(_connections)
                 self._unacked.clear()
                 self._out.clear()  # acknowledgements for the old connection mean nothing on this one
-                for topic, payload in self._in_flight.values():  # sent again; a newer receipt still wins
-                    self._receipts.setdefault(topic, payload)
+                for slot, payload in self._in_flight.values():  # sent again; a newer receipt still wins
+                    self._receipts.setdefault(slot, payload)
                 self._in_flight.clear()
                 self._send_quota = max(1, connack.receive_maximum)
                 subscribe_id = self._packet_id()
@@ -235,12 +237,12 @@ class BrokerLink:
     def _take_output(self) -> bytes:
         with self._lock:
             while self._receipts and self._send_quota > 0:
-                topic = next(iter(self._receipts))
-                payload = self._receipts.pop(topic)
+                slot = next(iter(self._receipts))
+                payload = self._receipts.pop(slot)
                 packet_id = self._packet_id()
-                self._in_flight[packet_id] = (topic, payload)
+                self._in_flight[packet_id] = (slot, payload)
                 self._send_quota -= 1
-                self._out += mp.publish(topic, payload, packet_id)
+                self._out += mp.publish(slot[0], payload, packet_id)
             out = bytes(self._out)
             self._out.clear()
         return out
@@ -311,7 +313,7 @@ class BrokerLink:
                     if sent is not None:
                         self._send_quota += 1
                 if reason >= 0x80 and sent is not None:
-                    log.warning("the broker refused a receipt on %s: %s", sent[0], mp.reason_text(reason))
+                    log.warning("the broker refused a receipt on %s: %s", sent[0][0], mp.reason_text(reason))
             elif kind == mp.SUBACK:
                 packet_id, reasons = mp.decode_ack("SUBACK", body)
                 failed = [r for r in reasons if r >= 0x80]

@@ -119,6 +119,8 @@ class Inbox:
                         taken.append(queue.popleft())
                     if not queue:
                         del self._queues[device]
+                    else:  # served: to the back, so devices beyond this batch come first next time
+                        self._queues[device] = self._queues.pop(device)
                     if len(taken) >= limit:
                         break
             self._count -= len(taken)
@@ -324,8 +326,8 @@ class Collector:
         for generation, packet_ids in by_connection.items():
             self.link.ack(generation, packet_ids)
         now_ms = int(time.time() * 1000)
-        for topic, receipt in receipts.issue(result.watermarks, self.server_key, now_ms, self.next_key):
-            self.link.publish(topic, receipt)
+        for topic, receipt, kid in receipts.issue(result.watermarks, self.server_key, now_ms, self.next_key):
+            self.link.publish(topic, receipt, about=kid)  # one pending per device key, not per device
             self.count("receipts")
             metrics.RECEIPTS.inc()
         return True

@@ -197,3 +197,18 @@ def test_a_flooding_device_delays_only_itself(monkeypatch) -> None:
     assert taken == list(range(1, 461))  # the flooder's share, still in its own order
     rest = inbox.take(2000, 0.1, 0.0)
     assert [m.packet_id for _, m in rest] == list(range(461, 1901))
+
+
+def test_more_devices_waiting_than_a_batch_holds_are_each_served_in_turn() -> None:
+    """600 devices, each with a backlog, and batches of 500: the 100 left out of one batch go first in
+    the next, so no device waits behind the others' backlogs for ever."""
+    from battery_trace.server.intake import Inbox
+    from battery_trace.server.mqtt_packets import Message
+
+    inbox = Inbox()
+    for round_ in range(3):
+        inbox.put([(0, Message(f"bt/v1/gw-{i}/events", b"x", 1, round_ * 1000 + i + 1)) for i in range(600)])
+    first = {m.topic for _, m in inbox.take(500, 0.1, 0.0)}
+    second = {m.topic for _, m in inbox.take(500, 0.1, 0.0)}
+    assert {f"bt/v1/gw-{i}/events" for i in range(600)} <= first | second
+    assert len(first) == 500 and {f"bt/v1/gw-{i}/events" for i in range(500, 600)} <= second

@@ -153,7 +153,8 @@ def refuse_code_in_the_database(store: Store, code: str) -> None:
         else:
             tx.execute(
                 "CREATE FUNCTION refuse_code() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF NEW.code = '{code}' THEN RAISE EXCEPTION 'this backend cannot hold it'; END IF; "
+                f"IF NEW.code = '{code}' THEN RAISE EXCEPTION 'this backend cannot hold it' USING ERRCODE = '22000'; "
+                "END IF; "
                 "RETURN NEW; END $$"
             )
             tx.execute(
@@ -367,5 +368,33 @@ def test_a_future_dated_event_is_a_finding_and_does_not_pin_the_battery(store_ur
         assert ("clock_ahead", "device:maker-2") in world.open_findings()
         (finding,) = store.findings(kind="clock_ahead")
         assert "2099" in finding["detail"]
+    finally:
+        store.close()
+
+
+def test_an_envelope_stored_before_the_canonical_rule_stays_readable(store_url: str) -> None:
+    """A record keeps what it accepted under the rules of its day: a stored envelope with an unprotected
+    header (refused at intake today) still reads for replays, traces, exports and the audit."""
+    from battery_trace.server.audit import audit_chain
+
+    store = Store(store_url)
+    try:
+        world = World(store)
+        maker = world.device("maker-1", "vehicle_maker")
+        raw = maker.seal("installed", {"code": PACK, "vin": VIN}, T0)
+        world.deliver(maker, raw, T0 + 1000)
+        old_form = re_encodings(raw)["unprotected content type"]
+        with store.db.transaction() as tx:  # as a store before the rule held it
+            tx.execute("UPDATE events SET envelope = ?, facts = NULL", (old_form,))
+            tx.execute("UPDATE batteries SET applied_ms = NULL")
+        station = world.device("station-1", "swap_operator")
+        swap = {"vin": VIN, "code_out": PACK, "code_in": "0RJPEA00HAU0AAG1C3000124", "slot_out": 1, "slot_in": 2}
+        result = world.send(
+            station, "swapped", swap | {"health_out": {"soc_pct": 1}, "health_in": {"soc_pct": 2}}, T0 + DAY
+        )
+        assert result.stored == 1 and not result.refused  # the replay read the old envelope
+        assert store.trace(PACK)["state"] == "in_stock"
+        key = store.device_keys("maker-1")[0]
+        assert audit_chain(key, store.chain(key.kid)).first_break is None
     finally:
         store.close()

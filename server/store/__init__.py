@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from battery_trace.protocol.keys import PublicKey
+from battery_trace.protocol.text import escaped
 from battery_trace.server.records import Accepted, KeyRecord, Rejected
 from battery_trace.server.store import queries, record, registry, retention
 from battery_trace.server.store.db import Database, StoreError, StoreUnavailable
@@ -93,9 +94,7 @@ class Store:
         items, refused = list(accepted), list(rejected)
         try:
             return self._commit(items, refused, at)
-        except StoreUnavailable:
-            raise
-        except Exception:
+        except self.db.data_errors:
             log.exception("the store refused a batch of %d events; isolating the event it refuses", len(items))
             return self._isolate(items, refused, at)
 
@@ -110,9 +109,7 @@ class Store:
         def attempt(part: list[Accepted]) -> None:
             try:
                 results.append(self._commit(part, [], at))
-            except StoreUnavailable:
-                raise
-            except Exception as exc:
+            except self.db.data_errors as exc:
                 if len(part) == 1:
                     refused.append(record.store_refused(part[0], exc))
                     return
@@ -129,18 +126,16 @@ class Store:
         be refused, each goes in on its own, the refused one with only what cannot fail."""
         try:
             return self._commit([], rejected, at)
-        except StoreUnavailable:
-            raise
-        except Exception:
+        except self.db.data_errors:
             log.exception("the store refused quarantine rows; storing them one by one")
         results = []
         for r in rejected:
             try:
                 results.append(self._commit([], [r], at))
-            except StoreUnavailable:
-                raise
-            except Exception as exc:
-                bare = Rejected("?", r.raw, r.reason, f"the detail could not be stored ({type(exc).__name__})")
+            except self.db.data_errors as exc:
+                bare = Rejected(
+                    escaped(r.topic, 512), r.raw, r.reason, f"the detail could not be stored ({type(exc).__name__})"
+                )
                 results.append(self._commit([], [bare], at))
         return record.merged(results, [])
 

@@ -171,6 +171,17 @@ class Database:
 
         return (psycopg.OperationalError, psycopg.InterfaceError)
 
+    @property
+    def data_errors(self) -> tuple[type[BaseException], ...]:
+        """What a backend raises for a value it cannot hold (a constraint, a character, a number out of
+        range): an error of the data, which isolating the message that carries it gets past. Anything
+        else (a bug, a read-only standby, a privilege) is not the message's fault and stops the batch."""
+        if self.dialect is SQLITE:
+            return (sqlite3.IntegrityError, sqlite3.DataError, OverflowError, UnicodeError)
+        import psycopg
+
+        return (psycopg.DataError, psycopg.IntegrityError, OverflowError, UnicodeError)
+
     def connect(self) -> Any:
         if self.dialect is SQLITE:
             self.path.parent.mkdir(parents=True, exist_ok=True)

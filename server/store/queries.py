@@ -45,7 +45,8 @@ def id_cursor(text: str) -> int:
 
 def event_fields(raw: bytes) -> dict[str, Any]:
     """The type-specific fields of a stored event, read from its envelope (validated at intake)."""
-    payload = cbor.decode(envelope.decode(raw, max_size=len(raw)).payload)
+    # canonical=False: a stored envelope was accepted under the rules of its day; it stays readable.
+    payload = cbor.decode(envelope.decode(raw, max_size=len(raw), canonical=False).payload)
     return {k: v for k, v in payload.items() if k not in COMMON_FIELDS}
 
 

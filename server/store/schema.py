@@ -140,6 +140,8 @@ MIGRATIONS: tuple[str, ...] = (
     # it (facts, JSON; older rows are filled in when first read); each battery and vehicle row keeps the
     # order key of the last lifecycle event applied to it, so an event arriving in order is one step from
     # the stored state instead of a replay; lifecycle rows of a code are found without reading its health.
+    # A receipt's watermark now stops before a broken link (its hash vouches for every event up to it):
+    # a watermark from before that rule which spans one is brought back before it.
     """
     ALTER TABLE events ADD COLUMN facts TEXT;
     ALTER TABLE batteries ADD COLUMN applied_ms BIGINT;
@@ -151,6 +153,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE vehicles ADD COLUMN applied_kid {blob};
     ALTER TABLE vehicles ADD COLUMN applied_seq BIGINT;
     CREATE INDEX event_codes_lifecycle ON event_codes (code, type) WHERE type <> 'health';
+    UPDATE chains SET watermark = (
+        SELECT MIN(f.ref_seq) - 1 FROM findings f WHERE f.kind = 'chain_break' AND f.ref_kid = chains.kid
+        AND f.ref_seq <= chains.watermark AND f.detail LIKE '%%does not link%%'
+    ) WHERE EXISTS (
+        SELECT 1 FROM findings f WHERE f.kind = 'chain_break' AND f.ref_kid = chains.kid
+        AND f.ref_seq <= chains.watermark AND f.detail LIKE '%%does not link%%'
+    );
     """,
     # 6: a battery's events a page at a time, in time order, without a sort: 99,999 health snapshots
     # of one battery took 3.6 s and 853 MB to answer whole; a page now reads only its own rows. It serves
