@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,16 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def station_body(folder: Path, slots: Iterable[int]) -> str:
+    """The [[slots]], [[scanners]] and [plc] of a swap station whose devices are the stubs' ptys in
+    ``folder``: slcan adapters at can-slotN, label scanners at scanner-slotN, the PLC at plc."""
+    numbers = list(slots)
+    body = "".join(
+        f'[[slots]]\nslot = {n}\n[slots.can]\ninterface = "slcan"\nchannel = "{folder / f"can-slot{n}"}"\n'
+        f'bitrate = 250000\nprotocol = "gbt27930"\n[slots.can.options]\nsleep_after_open = 0\n'
+        for n in numbers
+    )
+    body += "".join(f'[[scanners]]\nslot = {n}\nport = "{folder / f"scanner-slot{n}"}"\n' for n in numbers)
+    return body + f'[plc]\nport = "{folder / "plc"}"\n'

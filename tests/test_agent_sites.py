@@ -26,13 +26,7 @@ def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):
     slots = {n: CanSlot(tmp_path / f"can-slot{n}") for n in (1, 2)}
     scanners = {n: LineDevice(PtyLink(tmp_path / f"scanner-slot{n}")) for n in (1, 2)}
     plc = LineDevice(PtyLink(tmp_path / "plc"), ending=b"\n")
-    body = "".join(
-        f'[[slots]]\nslot = {n}\n[slots.can]\ninterface = "slcan"\nchannel = "{tmp_path / f"can-slot{n}"}"\n'
-        f'bitrate = 250000\nprotocol = "gbt27930"\n[slots.can.options]\nsleep_after_open = 0\n'
-        for n in (1, 2)
-    )
-    body += "".join(f'[[scanners]]\nslot = {n}\nport = "{tmp_path / f"scanner-slot{n}"}"\n' for n in (1, 2))
-    body += f'[plc]\nport = "{tmp_path / "plc"}"\n'
+    body = agents.station_body(tmp_path, (1, 2))
     config, port = agents.write_config(
         tmp_path / "agent.toml",
         "station-1",

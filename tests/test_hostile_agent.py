@@ -112,13 +112,7 @@ def test_a_swap_on_a_full_disk_is_held_alarmed_and_sealed_once_space_returns(tmp
     slots = {n: CanSlot(tmp_path / f"can-slot{n}") for n in (1, 2)}
     scanners = {n: LineDevice(PtyLink(tmp_path / f"scanner-slot{n}")) for n in (1, 2)}
     plc = LineDevice(PtyLink(tmp_path / "plc"), ending=b"\n")
-    body = "".join(
-        f'[[slots]]\nslot = {n}\n[slots.can]\ninterface = "slcan"\nchannel = "{tmp_path / f"can-slot{n}"}"\n'
-        f'bitrate = 250000\nprotocol = "gbt27930"\n[slots.can.options]\nsleep_after_open = 0\n'
-        for n in (1, 2)
-    )
-    body += "".join(f'[[scanners]]\nslot = {n}\nport = "{tmp_path / f"scanner-slot{n}"}"\n' for n in (1, 2))
-    body += f'[plc]\nport = "{tmp_path / "plc"}"\n'
+    body = agents.station_body(tmp_path, (1, 2))
     with tmpfs(tmp_path / "disk", "2m") as disk:
         config, port = agents.write_config(
             disk / "agent.toml",

@@ -119,13 +119,7 @@ class Station:
         self.slots = {n: CanSlot(tmp_path / f"can-slot{n}") for n in range(1, slots + 1)}
         self.scanners = {n: LineDevice(PtyLink(tmp_path / f"scanner-slot{n}")) for n in self.slots}
         self.plc = LineDevice(PtyLink(tmp_path / "plc"), ending=b"\n")
-        body = "".join(
-            f'[[slots]]\nslot = {n}\n[slots.can]\ninterface = "slcan"\nchannel = "{tmp_path / f"can-slot{n}"}"\n'
-            f'bitrate = 250000\nprotocol = "gbt27930"\n[slots.can.options]\nsleep_after_open = 0\n'
-            for n in self.slots
-        )
-        body += "".join(f'[[scanners]]\nslot = {n}\nport = "{tmp_path / f"scanner-slot{n}"}"\n' for n in self.slots)
-        body += f'[plc]\nport = "{tmp_path / "plc"}"\n'
+        body = agents.station_body(tmp_path, self.slots)
         self.config, self.port = agents.write_config(
             tmp_path / "station.toml",
             "station-1",

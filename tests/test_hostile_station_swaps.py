@@ -42,13 +42,7 @@ class Station:
         self.plc = LineDevice(plc_link, ending=b"\n")
         self.plc_checked = LineDevice(plc_link, ending=b"\n", checksum=True)  # the same PLC, with *HH
         key = record_server.device("station-1", "swap_operator")
-        body = "".join(
-            f'[[slots]]\nslot = {n}\n[slots.can]\ninterface = "slcan"\nchannel = "{tmp_path / f"can-slot{n}"}"\n'
-            f'bitrate = 250000\nprotocol = "gbt27930"\n[slots.can.options]\nsleep_after_open = 0\n'
-            for n in slots
-        )
-        body += "".join(f'[[scanners]]\nslot = {n}\nport = "{tmp_path / f"scanner-slot{n}"}"\n' for n in slots)
-        body += f'[plc]\nport = "{tmp_path / "plc"}"\n'
+        body = agents.station_body(tmp_path, slots)
         self.config, self.port = agents.write_config(
             tmp_path / "agent.toml",
             "station-1",
