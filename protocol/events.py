@@ -608,10 +608,18 @@ def with_check_digit(vin: str) -> str:
     return vin[:8] + vin_check_digit(vin) + vin[9:]
 
 
+# Where position 9 must be the check digit: VINs of vehicles made for China (GB 16735, world
+# manufacturer identifiers starting with L) and North America (1-5). Elsewhere (most European makers)
+# position 9 is the maker's own, so a "wrong" check digit there is no misreading.
+_CHECK_DIGIT_REGIONS = frozenset("L12345")
+
+
 def vin_problem(vin: str) -> str | None:
-    """Why ``vin`` is not a VIN (shape, or the check digit of ISO 3779 / GB 16735), or None."""
+    """Why ``vin`` is not a VIN (shape, or the check digit where ISO 3779 / GB 16735 require it), or None."""
     if not _VIN.fullmatch(vin):
         return "must be a VIN: 17 characters, digits and A-Z without I, O, Q"
+    if vin[0] not in _CHECK_DIGIT_REGIONS:
+        return None
     digit = vin_check_digit(vin)
     if vin[8] != digit:
         return f"check digit (position 9) is {vin[8]!r}, the other characters make it {digit!r}: a misread VIN"

@@ -139,3 +139,17 @@ def test_the_health_check_passes_exactly_what_the_full_check_finds_no_fault_in(h
         e for key, value in health.items() for e in events._health_value_errors(f"h.{events._name(key)}", key, value)
     ]
     assert events._check_health("h", health) == full
+
+
+@pytest.mark.parametrize(
+    ("vin", "refused"),
+    [
+        ("LNBSCB3F1PW123456", False),  # made for China: position 9 is the check digit, and it is right
+        ("LNBSCB3F5PW123456", True),  # the same with a misread position 9
+        ("1HGCM82633A004352", False),  # North America, right
+        ("1HGCM82643A004352", True),
+        ("WVWZZZ1JZ3W386752", False),  # a European maker's own position 9: no check digit to get wrong
+    ],
+)
+def test_a_vin_check_digit_is_checked_where_the_standard_requires_one(vin, refused):
+    assert (events.vin_problem(vin) is not None) is refused
