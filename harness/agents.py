@@ -68,6 +68,11 @@ def status(port: int) -> dict[str, Any] | None:
         return None
 
 
+def slot(port: int, n: int = 1) -> dict[str, Any]:
+    """Slot ``n`` in the running agent's /status ({} while the agent does not answer or the slot is unknown)."""
+    return (status(port) or {}).get("slots", {}).get(str(n), {})
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
     """SIGTERM, and SIGKILL if it has not stopped in time (so a failed test leaves no agent behind)."""
     import signal

@@ -43,7 +43,7 @@ def test_a_swap_at_a_station_becomes_one_swapped_event(tmp_path, record_server):
         # Battery A charges in slot 1; its label is scanned there once, binding its BMS identity to its code.
         slots[1].insert(gbt27930_bms.Pack(serial=0xA1, soc_pct=80))
         wait_until(
-            lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("seen_at"),
+            lambda: agents.slot(port).get("seen_at"),
             20,
             "slot 1's BMS to be heard",
             [agent],
@@ -108,7 +108,7 @@ def test_a_technician_confirms_service_at_a_rig(tmp_path, record_server):
 
     try:
         wait_until(
-            lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("code") == PACK_A,
+            lambda: agents.slot(port).get("code") == PACK_A,
             20,
             "the Daly BMS to report its code",
             [agent],

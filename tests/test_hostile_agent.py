@@ -128,9 +128,7 @@ def test_a_swap_on_a_full_disk_is_held_alarmed_and_sealed_once_space_returns(tmp
         agent = agents.start(config, tmp_path / "agent.log")
         try:
             slots[1].insert(gbt27930_bms.Pack(serial=0xA1, soc_pct=80))
-            wait_until(
-                lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("seen_at"), 20, "BMS A", [agent]
-            )
+            wait_until(lambda: agents.slot(port).get("seen_at"), 20, "BMS A", [agent])
             scanners[1].send(PACK_A)
             wait_until(lambda: record_server.events("health"), 20, "a health snapshot of the stock", [agent])
 
@@ -218,7 +216,7 @@ def test_a_web_page_on_the_rig_cannot_confirm_but_the_technician_can(tmp_path):
     agent = agents.start(config, tmp_path / "agent.log")
     try:
         wait_until(
-            lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("code") == PACK_A,
+            lambda: agents.slot(port).get("code") == PACK_A,
             20,
             "the pack",
             [agent],
@@ -292,7 +290,7 @@ def test_a_confirmation_on_a_full_disk_is_accepted_held_and_sealed_once_space_re
         agent = agents.start(config, tmp_path / "agent.log")
         try:
             wait_until(
-                lambda: (agents.status(port) or {}).get("slots", {}).get("1", {}).get("code") == PACK_A,
+                lambda: agents.slot(port).get("code") == PACK_A,
                 20,
                 "the pack",
                 [agent],

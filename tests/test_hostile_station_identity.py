@@ -45,10 +45,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def slot(port: int, n: int = 1) -> dict:
-    return (agents.status(port) or {}).get("slots", {}).get(str(n), {})
-
-
 def healthz(port: int) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
@@ -97,10 +93,10 @@ def test_a_pack_changed_at_a_rig_is_read_anew_and_never_sealed_under_the_old_cod
     own BMS, and the technician's confirmation names B with B's health."""
     rig = Rig(tmp_path, record_server, DalyPack(code=PACK_A, soc_pct=91.0), "absent_after_s = 30\n")
     try:
-        wait_until(lambda: slot(rig.port).get("code") == PACK_A, 20, "pack A's code", [rig.process])
+        wait_until(lambda: agents.slot(rig.port).get("code") == PACK_A, 20, "pack A's code", [rig.process])
         rig.bms.change_pack(DalyPack(code=PACK_B, soc_pct=12.5), gap_s=1.0)
-        wait_until(lambda: slot(rig.port).get("code") == PACK_B, 15, "pack B's code, read anew", [rig.process])
-        wait_until(lambda: slot(rig.port)["health"].get("soc_pct") == 12.5, 10, "pack B's health", [rig.process])
+        wait_until(lambda: agents.slot(rig.port).get("code") == PACK_B, 15, "pack B's code, read anew", [rig.process])
+        wait_until(lambda: agents.slot(rig.port)["health"].get("soc_pct") == 12.5, 10, "pack B's health", [rig.process])
         done = rig.confirm("inspection")
         assert done.returncode == 0, done.stderr
         wait_until(lambda: record_server.events("maintenance"), 20, "the confirmation to be stored", [rig.process])
@@ -140,7 +136,7 @@ class Station:
         self.process = agents.start(self.config, self.log)
 
     def heard(self, n: int) -> None:
-        wait_until(lambda: slot(self.port, n).get("secondary"), 20, f"slot {n}'s BMS", [self.process])
+        wait_until(lambda: agents.slot(self.port, n).get("secondary"), 20, f"slot {n}'s BMS", [self.process])
 
     def close(self) -> None:
         agents.stop(self.process)
@@ -157,17 +153,19 @@ def test_a_new_pack_in_a_slot_is_never_bound_to_the_old_packs_label(tmp_path, re
         station.slots[1].insert(gbt27930_bms.Pack(serial=0xA1))
         station.heard(1)
         station.scanners[1].send(PACK_A)
-        wait_until(lambda: slot(station.port)["code"] == PACK_A, 10, "pack A identified", [station.process])
-        secondary_a = slot(station.port)["secondary"]
+        wait_until(lambda: agents.slot(station.port)["code"] == PACK_A, 10, "pack A identified", [station.process])
+        secondary_a = agents.slot(station.port)["secondary"]
         station.slots[1].insert(gbt27930_bms.Pack(serial=0xB2))  # insert() takes A out first
-        wait_until(lambda: slot(station.port)["secondary"] not in (None, secondary_a), 20, "B's BMS", [station.process])
+        wait_until(
+            lambda: agents.slot(station.port)["secondary"] not in (None, secondary_a), 20, "B's BMS", [station.process]
+        )
         time.sleep(1.5)  # B keeps talking; on the old code it would have inherited A's label by now
         status = agents.status(station.port)
         assert status["slots"]["1"]["code"] is None
         assert status["bindings"] == {"bound": 1}  # A's binding only: B was never bound to A's label
         assert status["slot_changes"]["removed"] == 1 and status["readings"]["battery_changed"] == 1
         station.scanners[1].send(PACK_B)
-        wait_until(lambda: slot(station.port)["code"] == PACK_B, 10, "pack B identified", [station.process])
+        wait_until(lambda: agents.slot(station.port)["code"] == PACK_B, 10, "pack B identified", [station.process])
         listed = json.loads(cli("bindings", "list", "--json", "-c", str(station.config)).stdout)
         assert {row["code"] for row in listed} == {PACK_A, PACK_B}
     finally:
@@ -198,8 +196,8 @@ def test_a_constant_bms_serial_is_not_an_identity(tmp_path, record_server):
         station.restart()  # distrust is kept on disk: after a restart slot 2 still gets no code from it
         station.heard(2)
         time.sleep(1)
-        assert slot(station.port, 2)["code"] is None
-        secondary = slot(station.port, 2)["secondary"]
+        assert agents.slot(station.port, 2)["code"] is None
+        secondary = agents.slot(station.port, 2)["secondary"]
         assert cli("bindings", "remove", secondary, "-c", str(station.config)).returncode == 0
         again = cli("bindings", "remove", secondary, "-c", str(station.config))
         assert again.returncode == 1 and "not bound" in again.stderr
@@ -284,7 +282,7 @@ def test_rig_confirmations_refuse_stale_health_repeats_and_a_pack_replacing_itse
     twice, and health from a BMS that stopped answering are refused (exit 1, the reason on stderr)."""
     rig = Rig(tmp_path, record_server, DalyPack(code=PACK_A), "absent_after_s = 60\n")
     try:
-        wait_until(lambda: slot(rig.port).get("code") == PACK_A, 20, "pack A's code", [rig.process])
+        wait_until(lambda: agents.slot(rig.port).get("code") == PACK_A, 20, "pack A's code", [rig.process])
         assert rig.confirm("rebalance", "--note", "cell 3").returncode == 0
         twice = rig.confirm("rebalance", "--note", "cell 3")
         assert twice.returncode == 1 and "already sealed as seq" in twice.stderr
@@ -295,7 +293,10 @@ def test_rig_confirmations_refuse_stale_health_repeats_and_a_pack_replacing_itse
         assert again.returncode == 1 and "already sealed" in again.stderr
         rig.bms.faults.silent = 1.0  # the BMS stops answering; the slot stays occupied for absent_after_s
         wait_until(
-            lambda: time.time() - (slot(rig.port).get("health_at") or time.time()) > 11, 20, "stale", [rig.process]
+            lambda: time.time() - (agents.slot(rig.port).get("health_at") or time.time()) > 11,
+            20,
+            "stale",
+            [rig.process],
         )
         stale = rig.confirm("inspection")
         assert stale.returncode == 1 and "stopped answering" in stale.stderr
@@ -316,7 +317,9 @@ def test_readings_a_technician_can_trust(tmp_path, record_server):
     cells = [3301, 3302, 0, 3305, 9000]
     rig = Rig(tmp_path, record_server, DalyPack(code=PACK_A, soc_pct=250.0, cells_mv=cells, temps_c=[24, 25, 26]))
     try:
-        wait_until(lambda: len(slot(rig.port).get("health", {}).get("cells_v", [])) == 5, 20, "cells", [rig.process])
+        wait_until(
+            lambda: len(agents.slot(rig.port).get("health", {}).get("cells_v", [])) == 5, 20, "cells", [rig.process]
+        )
         assert rig.confirm("cell_replacement", "--note", "cell 3 dead").returncode == 0
         wait_until(lambda: record_server.events("maintenance"), 20, "the confirmation", [rig.process])
         (event,) = record_server.events("maintenance")
@@ -356,7 +359,7 @@ def test_an_open_ntc_on_a_jbd_is_kept_and_flagged(tmp_path, record_server):
         wait_until(lambda: record_server.events("health"), 20, "a snapshot", [agent])
         health = record_server.events("health")[0].fields["health"]
         assert health["temps_c"] == [24.5, -273.1] and "implausible_temps_c" in health["faults"]
-        assert slot(port)["health"]["faults"] == ["implausible_temps_c"]
+        assert agents.slot(port)["health"]["faults"] == ["implausible_temps_c"]
     finally:
         agents.stop(agent)
         bms.stop()
